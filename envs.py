@@ -1,0 +1,472 @@
+"""Contextual DeepMind Control tasks with CARL semantics.
+
+The benchmark of DALI (Röder et al., NeurIPS 2025, arXiv:2508.20294, Sec. 6 and App. C), built on the
+CARL benchmark (Benjamins et al., TMLR 2023): a DMC task whose physics -- gravity, actuator strength,
+string length -- is a hidden *context* that changes from episode to episode.
+
+    walker       walk   contexts: gravity, actuator_strength    obs: 24 features or 64x64 RGB
+    ball_in_cup  catch  contexts: gravity, distance (string)    obs:  8 features or 64x64 RGB
+
+Why not CARL's own envs: PyPI carl-bench 1.1.1 has walker but no ball_in_cup, and its walker rebuilds the
+physics from XML on every context change (~72 ms, ~390 ms with rendering) and ignores seeds. We take from
+carl-bench what it does well -- feature names, defaults, `ContextSampler` -- and apply a context by
+patching the compiled MuJoCo model in place at reset. `test_dali.py` checks that this is bit-identical
+to CARL's XML route for walker.
+
+    gravity            model.opt.gravity[2] = -g
+    actuator_strength  model.actuator_gear[:, 0] = default_gear * s
+    distance           string tendon range upper bound = d; ball body shifted up by (0.3 - d)
+
+Public API:
+    CONTEXT_FEATURES[task]                       feature name -> ContextFeature (defaults, ranges, grid)
+    make_env(task, obs, contexts, seed, action_repeat) -> ContextualDMC   (gymnasium-style)
+    VectorEnv([...envs])                         several envs stepped as one batch, auto-reset
+    train_contexts(task, setting, n, seed)       -> list[dict]           (training contexts)
+    eval_contexts(task, setting)                 -> list[(dict, regime)] (zero-shot evaluation grid)
+    normalize_context(task, context)             -> float32 array in [-1, 1] over the training range
+
+Observations are dicts: "obs" (float32 features) or "image" (uint8 H x W x 3), plus "context" (the true
+context, normalised over the training range; only the oracle baselines may read it). `info["context"]`
+is the raw context dict.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+# MuJoCo picks its GL backend when dm_control is imported. EGL renders headless (llvmpipe on a CPU);
+# when libEGL is missing but OSMesa is there, fall back to it rather than fail on the first render.
+if "MUJOCO_GL" not in os.environ and not ctypes.util.find_library("EGL") and ctypes.util.find_library("OSMesa"):
+    os.environ["MUJOCO_GL"] = "osmesa"
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import mujoco  # noqa: E402
+import numpy as np  # noqa: E402
+from dm_control import suite  # noqa: E402
+from dm_control.mujoco.engine import Camera  # noqa: E402
+
+
+Task = Literal["walker", "ball_in_cup"]
+ObsKind = Literal["features", "pixels"]
+Setting = Literal["default", "single_0", "single_1", "double_box"]
+Regime = Literal["interpolation", "extrapolation", "mixed"]
+
+TASKS: dict[str, tuple[str, str]] = {"walker": ("walker", "walk"), "ball_in_cup": ("ball_in_cup", "catch")}
+SETTINGS: tuple[str, ...] = ("default", "single_0", "single_1", "double_box")
+EPISODE_STEPS = 1000  # control steps per episode in both tasks (walker: 25 s / 0.025 s; cup: 20 s / 0.02 s)
+DEFAULT_STRING_LENGTH = 0.3  # ball_in_cup.xml: <spatial name="string" range="0 0.3">
+
+
+@dataclass(frozen=True)
+class ContextFeature:
+    """One physical context feature and its place in the DALI evaluation protocol (SPEC §3 table)."""
+
+    name: str
+    """Feature name, as in CARL."""
+    default: float
+    """Value of the unmodified DMC task."""
+    train_range: tuple[float, float]
+    """Training contexts are sampled uniformly in [lo, hi]; also the range normalised to [-1, 1]."""
+    interpolation: tuple[float, ...]
+    """Single-feature evaluation values inside the training range."""
+    extrapolation: tuple[float, ...]
+    """Single-feature evaluation values outside the training range."""
+    double_values: tuple[float, ...]
+    """Values of this feature on the two-feature (double_box) evaluation grid."""
+    minimum: float
+    """Smallest physically possible value."""
+    minimum_allowed: bool
+    """Whether `minimum` itself is allowed (actuator_strength 0 is; gravity 0 and distance 0 are not)."""
+
+    def check(self, value: float) -> None:
+        """Raise ValueError if `value` is not a physically possible value of this feature."""
+        ok = isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value)
+        ok = ok and (value >= self.minimum if self.minimum_allowed else value > self.minimum)
+        if not ok:
+            bound = ">=" if self.minimum_allowed else ">"
+            raise ValueError(f"context feature {self.name!r} = {value!r} is impossible: it must be a finite number {bound} {self.minimum}")
+
+    def inside(self, value: float) -> bool:
+        """Whether `value` lies in the training range (the interpolation regime)."""
+        lo, hi = self.train_range
+        return lo <= value <= hi
+
+
+def _feature(name, default, train_range, interpolation, extrapolation, double_values, minimum, minimum_allowed):
+    return ContextFeature(name, float(default), train_range, interpolation, extrapolation, double_values, minimum, minimum_allowed)
+
+
+_GRAVITY_GRID = dict(
+    train_range=(4.9, 14.7),
+    interpolation=(4.9, 7.35, 9.81, 12.25, 14.7),
+    extrapolation=(0.98, 1.715, 2.45, 3.185, 3.92, 15.68, 16.66, 17.64, 18.62, 19.6),
+    double_values=(0.98, 2.45, 3.92, 4.9, 9.81, 14.7, 15.68, 17.64, 19.6),
+    minimum=0.0,
+    minimum_allowed=False,
+)
+CONTEXT_FEATURES: dict[str, dict[str, ContextFeature]] = {
+    "walker": {  # names and defaults as carl-bench's CARLDmcWalkerEnv.get_context_features() (tested)
+        "gravity": _feature("gravity", 9.81, **_GRAVITY_GRID),
+        "actuator_strength": _feature(
+            "actuator_strength",
+            1.0,
+            train_range=(0.5, 1.5),
+            interpolation=(0.5, 0.75, 1.0, 1.25, 1.5),
+            extrapolation=(0.1, 0.2, 0.3, 0.4, 1.6, 1.7, 1.8, 1.9, 2.0),
+            double_values=(0.1, 0.3, 0.5, 1.0, 1.5, 1.6, 1.8, 2.0),
+            minimum=0.0,
+            minimum_allowed=True,
+        ),
+    },
+    "ball_in_cup": {  # absent from PyPI carl-bench; names as in the DALI paper's CARL fork
+        "gravity": _feature("gravity", 9.81, **_GRAVITY_GRID),
+        "distance": _feature(
+            "distance",
+            DEFAULT_STRING_LENGTH,
+            train_range=(0.15, 0.45),
+            interpolation=(0.15, 0.225, 0.3, 0.375, 0.45),
+            extrapolation=(0.03, 0.06, 0.09, 0.12, 0.48, 0.51, 0.54, 0.57, 0.6),
+            double_values=(0.03, 0.09, 0.15, 0.3, 0.45, 0.48, 0.54, 0.6),
+            minimum=0.0,
+            minimum_allowed=False,
+        ),
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Contexts: validation, normalisation, training sets and the evaluation grid
+# ----------------------------------------------------------------------------------------------------
+
+
+def carl():
+    """Import carl-bench on first use. Its import costs ~2 s, pulls in pygame, and opens a pygame display
+    (carl.envs.gymnasium calls pygame.display.init()), which we point at SDL's dummy driver."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    # carl warns about optional simulators (Box2D, py4j) we do not use, under its own "once" filter; record=True
+    # catches them anyway.
+    with warnings.catch_warnings(record=True):
+        import carl.context.context_space
+        import carl.context.sampler
+        import carl.envs.dmc
+    return carl
+
+
+def _features(task: str) -> dict[str, ContextFeature]:
+    if task not in CONTEXT_FEATURES:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(CONTEXT_FEATURES)}")
+    return CONTEXT_FEATURES[task]
+
+
+def default_context(task: str) -> dict[str, float]:
+    """The unmodified task's context, e.g. {"gravity": 9.81, "actuator_strength": 1.0}."""
+    return {name: f.default for name, f in _features(task).items()}
+
+
+def validate_context(task: str, context: dict) -> dict[str, float]:
+    """Check names and values; return a full context (missing features at their defaults) as floats."""
+    features = _features(task)
+    if not isinstance(context, dict):
+        raise ValueError(f"a context must be a dict of feature values, got {context!r}")
+    unknown = sorted(set(context) - set(features))
+    if unknown:
+        raise ValueError(f"task {task!r} has no context feature {unknown[0]!r}; its features are {list(features)}")
+    full = default_context(task)
+    for name, value in context.items():
+        features[name].check(value)
+        full[name] = float(value)
+    return full
+
+
+def normalize_context(task: str, context: dict) -> np.ndarray:
+    """c -> (c - lo) / (hi - lo) * 2 - 1 over each feature's training range, as float32 (X,)."""
+    features = _features(task)
+    values = [(context[n] - f.train_range[0]) / (f.train_range[1] - f.train_range[0]) * 2 - 1 for n, f in features.items()]
+    return np.asarray(values, np.float32)
+
+
+def _check_setting(setting: str) -> None:
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown context setting {setting!r}; choose one of {list(SETTINGS)}")
+
+
+def _varied(task: str, setting: str) -> list[str]:
+    """Names of the features a setting varies: none, the k-th one, or both."""
+    names = list(_features(task))
+    _check_setting(setting)
+    return {"default": [], "single_0": names[:1], "single_1": names[1:2], "double_box": names}[setting]
+
+
+def train_contexts(task: str, setting: str = "default", n: int = 100, seed: int = 0) -> list[dict[str, float]]:
+    """Training contexts: the default one, or `n` sampled uniformly in the training box of the varied
+    features (others at default), with CARL's `ContextSampler` seeded by the run seed."""
+    features = _features(task)
+    varied = _varied(task, setting)
+    if not varied:
+        return [default_context(task)]
+    if n < 1:
+        raise ValueError(f"n = {n!r} training contexts: need at least 1")
+    cs = carl().context
+    with warnings.catch_warnings():  # ConfigSpace warns when normalising an unbounded feature
+        warnings.simplefilter("ignore", RuntimeWarning)
+        space = cs.context_space.ContextSpace(
+            {name: cs.context_space.UniformFloatContextFeature(name, f.minimum, np.inf, default_value=f.default) for name, f in features.items()}
+        )
+        distributions = [cs.context_space.UniformFloatContextFeature(name, *features[name].train_range) for name in varied]
+        sampler = cs.sampler.ContextSampler(context_distributions=distributions, context_space=space, seed=seed)
+        sampled = sampler.sample_contexts(n_contexts=n)
+    return [{name: float(c[name]) for name in features} for c in sampled.values()]
+
+
+def regime(task: str, context: dict, varied: list[str]) -> Regime:
+    """interpolation: every varied feature inside its training range (a feature at its default counts as
+    inside); extrapolation: every varied feature outside; mixed: the rest."""
+    features = _features(task)
+    inside = [features[n].inside(context[n]) for n in varied]
+    if all(inside):
+        return "interpolation"
+    return "extrapolation" if not any(inside) else "mixed"
+
+
+def eval_contexts(task: str, setting: str) -> list[tuple[dict[str, float], Regime]]:
+    """The zero-shot evaluation grid of a training setting, each context with its regime.
+
+    single_k:   every evaluation value of feature k except its default, the other feature at default.
+    double_box: feature 0's values (default included) with feature 1 at default, feature 1's values
+                (default excluded) with feature 0 at default, and all pairs of double-grid values where
+                neither is a default: 15 + 13 + 56 = 84 contexts for both tasks.
+    default:    the default context alone.
+    """
+    features = _features(task)
+    varied = _varied(task, setting)
+    base = default_context(task)
+    if not varied:
+        return [(base, "interpolation")]
+    grid: list[dict[str, float]] = []
+    for k, name in enumerate(varied):
+        f = features[name]
+        keep_default = setting == "double_box" and k == 0  # the all-default context appears exactly once
+        for v in sorted(f.interpolation + f.extrapolation):
+            if v != f.default or keep_default:
+                grid.append({**base, name: v})
+    if setting == "double_box":
+        (n0, f0), (n1, f1) = features.items()
+        for v0 in f0.double_values:
+            for v1 in f1.double_values:
+                if v0 != f0.default and v1 != f1.default:
+                    grid.append({**base, n0: v0, n1: v1})
+    return [(c, regime(task, c, varied)) for c in grid]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The environment
+# ----------------------------------------------------------------------------------------------------
+
+
+class ContextualDMC:
+    """One DMC task whose context is re-drawn at every reset. Gymnasium-style API:
+
+        obs, info = env.reset(seed=None)
+        obs, reward, terminated, truncated, info = env.step(action)   # action: float (A,) in [-1, 1]
+
+    Each episode takes the next context of this env's own shuffled round robin over `contexts`
+    (reshuffled every cycle), applied by patching the compiled model in place: no XML rebuild, no new GL
+    context. `action_repeat` control steps per `step`, rewards summed. DMC tasks never terminate; the
+    1000-step time limit is a truncation.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        obs: ObsKind = "features",
+        contexts: list[dict] | None = None,
+        seed: int = 0,
+        action_repeat: int = 2,
+        image_size: int = 64,
+        camera_id: int = 0,
+    ):
+        if obs not in ("features", "pixels"):
+            raise ValueError(f"unknown observation kind {obs!r}; choose 'features' or 'pixels'")
+        if not isinstance(action_repeat, int) or action_repeat < 1:
+            raise ValueError(f"action_repeat = {action_repeat!r}: must be an integer >= 1")
+        self.task, self.obs_kind, self.action_repeat = task, obs, action_repeat
+        self.features = _features(task)
+        contexts = [default_context(task)] if contexts is None else list(contexts)
+        if not contexts:
+            raise ValueError("contexts is an empty list; pass None for the default context")
+        self.contexts = [validate_context(task, c) for c in contexts]
+
+        domain, task_name = TASKS[task]
+        self._env = suite.load(domain, task_name, task_kwargs={"random": seed})
+        self.physics = self._env.physics
+        model = self.physics.model
+        # Defaults of every patched field, so a context is always applied to the pristine model.
+        self._gear0 = model.actuator_gear[:, 0].copy()
+        if task == "ball_in_cup":
+            self._string = model.name2id("string", "tendon")
+            self._ball = model.name2id("ball", "body")
+            self._ball_pos0 = model.body_pos[self._ball].copy()
+        self._camera = None
+        if obs == "pixels":
+            # The cheap look, set before the first render creates the GL context: no multisampling,
+            # coarse built-in meshes, no shadows or reflections. ~40x faster than the default look at 64x64.
+            model.vis.quality.offsamples = 0
+            model.vis.quality.numslices, model.vis.quality.numstacks = 8, 4
+            model.light_castshadow[:] = 0
+            model.mat_reflectance[:] = 0
+            self._camera = Camera(self.physics, height=image_size, width=image_size, camera_id=camera_id)
+
+        spec = self._env.action_spec()
+        self.action_low, self.action_high = spec.minimum.astype(np.float32), spec.maximum.astype(np.float32)
+        self.action_size = int(spec.shape[0])
+        self.obs_size = int(sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values()))
+        self.image_shape = (image_size, image_size, 3)
+        self.control_timestep = float(self._env.control_timestep())  # seconds per control step (not per agent step)
+        self._seed_streams(seed)
+        self.context: dict[str, float] = self.contexts[0]
+        self._needs_reset = True
+
+    # -- contexts --------------------------------------------------------------------------------------
+
+    def _seed_streams(self, seed: int) -> None:
+        self._env.task.random.seed(seed)  # initial-state randomisation of the DMC task
+        self._order_rng = np.random.default_rng(seed)  # the round robin's shuffles
+        self._order: list[int] = []
+
+    def _next_context(self) -> dict[str, float]:
+        if not self._order:
+            self._order = list(self._order_rng.permutation(len(self.contexts)))
+        return self.contexts[self._order.pop(0)]
+
+    def apply_context(self, context: dict) -> None:
+        """Patch the compiled model in place to `context` (full or partial dict). Called at reset."""
+        context = validate_context(self.task, context)
+        model = self.physics.model
+        model.opt.gravity[2] = -context["gravity"]
+        if "actuator_strength" in context:
+            model.actuator_gear[:, 0] = self._gear0 * context["actuator_strength"]
+        if "distance" in context:
+            d = context["distance"]
+            model.tendon_range[self._string, 1] = d
+            model.body_pos[self._ball] = self._ball_pos0 + np.array([0.0, 0.0, DEFAULT_STRING_LENGTH - d])
+        # Recompute what the compiler derives from the patched fields at qpos0 (tendon_length0, com-relative
+        # camera offsets, ...; ~20 us), so the model equals one compiled from the edited XML.
+        mujoco.mj_setConst(model.ptr, self.physics.data.ptr)
+        if "distance" in context:
+            model.tendon_lengthspring[self._string] = model.tendon_length0[self._string]  # the compiler's rule
+        self.context = context
+
+    # -- gymnasium-style API ---------------------------------------------------------------------------
+
+    def reset(self, seed: int | None = None) -> tuple[dict, dict]:
+        if seed is not None:
+            self._seed_streams(seed)
+        self.apply_context(self._next_context())
+        time_step = self._env.reset()
+        self._needs_reset = False
+        return self._observe(time_step), {"context": dict(self.context)}
+
+    def step(self, action) -> tuple[dict, float, bool, bool, dict]:
+        if self._needs_reset:
+            raise RuntimeError("step() called before reset() or after the episode ended; call reset() first")
+        action = np.asarray(action, np.float64)
+        if action.shape != (self.action_size,):
+            raise ValueError(f"action shape {action.shape}: expected ({self.action_size},)")
+        reward = 0.0
+        for _ in range(self.action_repeat):
+            time_step = self._env.step(action)
+            reward += time_step.reward or 0.0
+            if time_step.last():
+                break
+        truncated = time_step.last()  # the time limit; DMC's discount stays 1 there
+        self._needs_reset = truncated
+        return self._observe(time_step), reward, False, truncated, {"context": dict(self.context)}
+
+    def _observe(self, time_step) -> dict[str, np.ndarray]:
+        out = {"context": normalize_context(self.task, self.context)}
+        if self._camera is not None:
+            out["image"] = self.render()
+        else:
+            out["obs"] = np.concatenate([np.asarray(v, np.float32).ravel() for v in time_step.observation.values()])
+        return out
+
+    def render(self) -> np.ndarray:
+        """The current frame, (H, W, 3) uint8 (pixel envs only)."""
+        if self._camera is None:
+            raise RuntimeError("render() needs obs='pixels'")
+        # Camera.render returns a flipped view of a buffer it reuses: copy, or every stored frame would
+        # silently become the latest one.
+        return self._camera.render().copy()
+
+    def close(self) -> None:
+        self._camera = None  # its scene and GL buffers are freed with it
+
+
+def make_env(
+    task: Task,
+    obs: ObsKind = "features",
+    contexts: list[dict] | None = None,
+    seed: int = 0,
+    action_repeat: int = 2,
+    image_size: int = 64,
+) -> ContextualDMC:
+    """A contextual DMC env; `contexts` is cycled one per episode (None: the default context)."""
+    return ContextualDMC(task, obs, contexts, seed, action_repeat, image_size)
+
+
+class VectorEnv:
+    """Several envs stepped as one batch. Observations are stacked on a leading N axis.
+
+    An env whose episode ended is reset inside `step`: the returned observation is then the first one of
+    its new episode and `is_first[i]` is True (DreamerV3's convention), with the last observation of the
+    old episode in `info["final_obs"][i]`.
+    """
+
+    def __init__(self, envs: list[ContextualDMC]):
+        if not envs:
+            raise ValueError("VectorEnv needs at least one env")
+        self.envs = envs
+        self.num_envs = len(envs)
+        self.action_size = envs[0].action_size
+
+    def reset(self, seed: int | None = None) -> tuple[dict, dict]:
+        results = [env.reset(seed=None if seed is None else seed + i) for i, env in enumerate(self.envs)]
+        obs = self._stack([o for o, _ in results])
+        obs["is_first"] = np.ones(self.num_envs, bool)
+        return obs, {"context": [info["context"] for _, info in results]}
+
+    def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs, self.action_size):
+            raise ValueError(f"actions shape {actions.shape}: expected ({self.num_envs}, {self.action_size})")
+        obs_list, rewards, terms, truncs, contexts, final = [], [], [], [], [], {}
+        is_first = np.zeros(self.num_envs, bool)
+        for i, (env, action) in enumerate(zip(self.envs, actions)):
+            o, r, term, trunc, info = env.step(action)
+            contexts.append(info["context"])
+            if term or trunc:
+                final[i] = o
+                o, _ = env.reset()
+                is_first[i] = True
+            obs_list.append(o)
+            rewards.append(r)
+            terms.append(term)
+            truncs.append(trunc)
+        obs = self._stack(obs_list)
+        obs["is_first"] = is_first
+        info = {"context": contexts, "final_obs": final}
+        return obs, np.asarray(rewards, np.float32), np.asarray(terms), np.asarray(truncs), info
+
+    @staticmethod
+    def _stack(obs_list: list[dict]) -> dict[str, np.ndarray]:
+        return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
