@@ -329,6 +329,7 @@ class ContextualDMC:
         self.image_shape = (image_size, image_size, 3)
         self.control_timestep = float(self._env.control_timestep())  # seconds per control step (not per agent step)
         self._seed_streams(seed)
+        self._pre_reset_rng: dict | None = None
         self.context: dict[str, float] = self.contexts[0]
         self._needs_reset = True
 
@@ -364,9 +365,24 @@ class ContextualDMC:
 
     # -- gymnasium-style API ---------------------------------------------------------------------------
 
+    def rng_state(self) -> dict:
+        """The random streams as they were just before the latest reset (or now, if never reset).
+        `set_rng_state` + `reset()` replays that reset exactly: train.py's exact resume."""
+        return self._pre_reset_rng if self._pre_reset_rng is not None else self._current_rng()
+
+    def set_rng_state(self, state: dict) -> None:
+        self._env.task.random.set_state(state["task"])
+        self._order_rng.bit_generator.state = state["order_rng"]
+        self._order = list(state["order"])
+
+    def _current_rng(self) -> dict:
+        order_rng = self._order_rng.bit_generator.state
+        return {"task": self._env.task.random.get_state(), "order_rng": order_rng, "order": [int(i) for i in self._order]}
+
     def reset(self, seed: int | None = None) -> tuple[dict, dict]:
         if seed is not None:
             self._seed_streams(seed)
+        self._pre_reset_rng = self._current_rng()
         self.apply_context(self._next_context())
         time_step = self._env.reset()
         self._needs_reset = False

@@ -300,3 +300,242 @@ def test_zero_actuator_strength_is_allowed():
     env = _env("walker", {"actuator_strength": 0.0})
     env.reset()
     assert np.all(env.physics.model.actuator_gear[:, 0] == 0)
+
+
+def test_reward_belongs_to_the_observation_it_arrives_with():
+    """One convention everywhere: step() returns o_{t+1} with r_{t+1} = reward of the state o_{t+1} shows."""
+    env = envs.make_env("walker", seed=0, action_repeat=1)
+    env.reset()
+    for _ in range(20):
+        _, reward, *_ = env.step(np.full(6, 0.2))
+        assert reward == env._env.task.get_reward(env.physics)
+
+
+# ----------------------------------------------------------------------------------------------------
+# rssm.py and dali.py: the DreamerV3 maths
+# ----------------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+import dali  # noqa: E402
+import rssm  # noqa: E402
+import train  # noqa: E402
+
+TINY_RSSM = rssm.RSSMConfig(deter=32, hidden=32, stoch=4, classes=4)
+TINY_AGENT = dict(hidden=32, layers=1, cnn_depth=4)
+
+
+def test_symlog_symexp_inverse():
+    x = torch.tensor([-1e6, -100.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 100.0, 1e6], dtype=torch.float64)
+    torch.testing.assert_close(dali.symexp(dali.symlog(x)), x)
+    torch.testing.assert_close(dali.symlog(dali.symexp(x[2:-2])), x[2:-2])
+
+
+def test_twohot_round_trip_and_loss_minimum():
+    bins = torch.linspace(-20, 20, 255, dtype=torch.float64)
+    x = torch.empty(1000, dtype=torch.float64).uniform_(-19.9, 19.9)
+    enc = dali.twohot(x, bins)
+    assert torch.allclose(enc.sum(-1), torch.ones(1000, dtype=torch.float64))
+    assert ((enc > 0).sum(-1) <= 2).all()
+    torch.testing.assert_close((enc * bins).sum(-1), x)  # decode(encode(x)) == x
+    # the loss is minimised by logits that put the two-hot mass on the target: mean recovers the target
+    target = torch.tensor([3.7, -250.0, 0.0], dtype=torch.float64)
+    logits = torch.log(dali.twohot(dali.symlog(target), bins) + 1e-12)
+    torch.testing.assert_close(dali.twohot_mean(logits, bins), target, rtol=1e-6, atol=1e-6)
+
+
+def test_lambda_return_equals_naive_n_step_expansion():
+    torch.manual_seed(0)
+    H, N, lam = 6, 5, 0.8
+    reward, disc, value = torch.randn(H, N), torch.rand(H, N), torch.randn(H + 1, N)
+    ret = dali.lambda_return(reward, disc, value, lam)
+
+    def n_step(t, n):  # G_t^(n) = sum_k (prod_{j<k} d_{t+j}) r_{t+k} + (prod_{j<n} d_{t+j}) v_{t+n}
+        g, p = torch.zeros(N), torch.ones(N)
+        for k in range(n):
+            g = g + p * reward[t + k]
+            p = p * disc[t + k]
+        return g + p * value[t + n]
+
+    for t in range(H):
+        m = H - t
+        naive = sum((1 - lam) * lam ** (n - 1) * n_step(t, n) for n in range(1, m)) + lam ** (m - 1) * n_step(t, m)
+        torch.testing.assert_close(ret[t], naive)
+
+
+def test_kl_free_bits_and_stop_gradients():
+    torch.manual_seed(0)
+    post = torch.randn(2, 3, 4, 5, requires_grad=True)
+    prior = torch.randn(2, 3, 4, 5, requires_grad=True)
+    lp, lq = torch.log_softmax(post, -1), torch.log_softmax(prior, -1)
+    dyn, rep = rssm.kl_loss(lp, lq, free=1.0)
+    manual = (lp.exp() * (lp - lq)).sum((-2, -1))
+    torch.testing.assert_close(dyn, manual.clamp(min=1.0))
+    torch.testing.assert_close(rep, manual.clamp(min=1.0))
+    same_dyn, same_rep = rssm.kl_loss(lp, lp, free=1.0)
+    assert (same_dyn == 1.0).all() and (same_rep == 1.0).all()  # below free bits: clipped to 1 nat
+    (g_post,) = torch.autograd.grad(dyn.sum(), post, retain_graph=True, allow_unused=True)
+    assert g_post is None or g_post.abs().sum() == 0  # dyn trains only the prior
+    (g_prior,) = torch.autograd.grad(rep.sum(), prior, allow_unused=True)
+    assert g_prior is None or g_prior.abs().sum() == 0  # rep trains only the posterior
+
+
+def test_rssm_shapes_and_is_first_resets_state():
+    torch.manual_seed(0)
+    model = rssm.RSSM(TINY_RSSM, embed=7, action=3)
+    B, T = 2, 6
+    embed, action = torch.randn(B, T, 7), torch.randn(B, T, 3)
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = is_first[0, 3] = True
+    post, prior = model.observe(embed, action, is_first)
+    assert post["deter"].shape == (B, T, 32) and post["stoch"].shape == (B, T, 16) and post["logits"].shape == (B, T, 4, 4)
+    assert model.feat(post).shape == (B, T, model.feat_size)
+    # Where is_first, h_t forgets the past: equal to a fresh sequence started at t
+    fresh, _ = model.observe(embed[:, 3:], action[:, 3:], torch.ones(B, T - 3, dtype=torch.bool))
+    torch.testing.assert_close(post["deter"][0, 3], fresh["deter"][0, 0])
+    assert not torch.allclose(post["deter"][1, 3], fresh["deter"][1, 0])
+    states, actions = model.imagine({k: v[:, -1] for k, v in post.items()}, lambda s: torch.tanh(s["deter"][:, :3]), horizon=5)
+    assert states["deter"].shape == (6, B, 32) and states["stoch"].shape == (6, B, 16) and actions.shape == (6, B, 3)
+
+
+def _agent(context="none", integration="shallow", obs="features", **kw):
+    spaces = dali.Spaces(action=2, obs=8 if obs == "features" else 0, image=(64, 64, 3) if obs == "pixels" else None, context=2)
+    cfg = dali.AgentConfig(context=context, integration=integration, **{**TINY_AGENT, **kw})
+    return dali.Agent(cfg, TINY_RSSM, spaces)
+
+
+def _batch(B=3, T=8, obs="features", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    batch = {
+        "action": torch.rand(B, T, 2, generator=g) * 2 - 1,
+        "reward": torch.rand(B, T, generator=g),
+        "is_first": torch.zeros(B, T, dtype=torch.bool),
+        "is_terminal": torch.zeros(B, T, dtype=torch.bool),
+        "context": torch.rand(B, T, 2, generator=g) * 2 - 1,
+    }
+    batch["is_first"][:, 0] = True
+    if obs == "features":
+        batch["obs"] = torch.randn(B, T, 8, generator=g)
+    else:
+        batch["image"] = torch.randint(0, 256, (B, T, 64, 64, 3), generator=g, dtype=torch.uint8)
+    return batch
+
+
+@pytest.mark.parametrize("obs", ["features", "pixels"])
+def test_update_changes_every_parameter_and_loss_keys_match_scales(obs):
+    torch.manual_seed(0)
+    agent = _agent("oracle", "deep", obs)
+    before = {k: v.detach().clone() for k, v in agent.named_parameters()}
+    losses, _ = agent.world_model_loss(_batch(obs=obs), agent.context(_batch(obs=obs)))
+    assert losses.keys() == agent.loss_scales.keys()
+    # two updates: the zero-initialised output layers of reward head and critic block gradients to their
+    # hidden layers on the first one
+    for seed in range(2):
+        metrics = agent.update(_batch(obs=obs, seed=seed))
+    assert all(torch.isfinite(v) for v in metrics.values())
+    unchanged = [k for k, v in agent.named_parameters() if v.requires_grad and torch.equal(v, before[k])]
+    assert unchanged == []
+    assert not torch.equal(agent.slow_critic[-1].weight, torch.zeros_like(agent.slow_critic[-1].weight))
+
+
+@pytest.mark.parametrize("integration", ["shallow", "deep"])
+def test_context_unaware_agent_ignores_true_context_and_oracle_reads_it(integration):
+    for context, should_change in [("none", False), ("oracle", True)]:
+        torch.manual_seed(0)
+        agent = _agent(context, integration)
+        batch = _batch()
+        garbage = {**batch, "context": torch.full_like(batch["context"], 123.0)}
+        outputs = []
+        for b in (batch, garbage):
+            torch.manual_seed(1)
+            losses, post = agent.world_model_loss(b, agent.context(b))
+            obs = {"obs": b["obs"][:, 0], "context": b["context"][:, 0], "is_first": b["is_first"][:, 0]}
+            action, _ = agent.act(obs, agent.initial_state(3), sample=False)
+            outputs.append(torch.cat([torch.stack([v.sum() for v in losses.values()]), action.flatten()]))
+        assert (not torch.equal(*outputs)) == should_change, context
+
+
+def test_agent_checkpoint_round_trip_reproduces_outputs(tmp_path):
+    torch.manual_seed(0)
+    agent = _agent("oracle", "deep")
+    agent.update(_batch())
+    train.save_checkpoint(tmp_path / "a.pt", {"agent": agent.state_dict()})
+    clone = _agent("oracle", "deep")
+    clone.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=False)["agent"])
+    b = _batch(seed=5)
+    obs = {"obs": b["obs"][:, 0], "context": b["context"][:, 0], "is_first": b["is_first"][:, 0]}
+    for model in (agent, clone):
+        torch.manual_seed(3)
+        model.out = (model.act(obs, model.initial_state(3), sample=True)[0], model.world_model_loss(b, model.context(b))[0]["dec"])
+    torch.testing.assert_close(agent.out, clone.out, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: the real CLI, checkpoints, exact resume, bad input
+# ----------------------------------------------------------------------------------------------------
+
+TINY_FLAGS = [
+    "--task", "ball_in_cup", "--envs", "2", "--action-repeat", "50", "--batch-size", "3", "--batch-length", "8",
+    "--prefill", "400", "--train-ratio", "48", "--rssm.deter", "32", "--rssm.hidden", "32", "--rssm.stoch", "4",
+    "--rssm.classes", "4", "--hidden", "32", "--eval-every", "2000", "--eval-episodes", "2", "--log-every", "1000",
+    "--save-every", "2000", "--no-progress", "--threads", "1",
+]  # fmt: skip
+
+
+def test_train_cli_end_to_end_writes_metrics_and_checkpoint(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "train.py", *TINY_FLAGS, "--steps", "4000", "--context", "oracle", "--integration", "deep",
+           "--contexts", "single_0", "--logdir", str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step     4000" in out.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4000 and {"wm/loss", "ac/actor_loss", "episode/return", "eval/return", "perf/fps"} <= rows[-1].keys()
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["counters"]["env_steps"] == 4000 and ckpt["counters"]["updates"] > 0
+    args = train.args_from_dict(json.loads((tmp_path / "args.json").read_text()))
+    assert args.agent.context == "oracle" and args.rssm.deter == 32
+    env = envs.make_env(args.task)
+    train.build_agent(args, env).load_state_dict(ckpt["agent"])  # saved args rebuild the agent
+
+
+def test_resume_reproduces_uninterrupted_training(tmp_path):
+    full = train.cli([*TINY_FLAGS, "--steps", "6000", "--logdir", str(tmp_path / "full")])
+    train.main(full)
+    half = train.cli([*TINY_FLAGS, "--steps", "3000", "--logdir", str(tmp_path / "half")])
+    train.main(half)
+    train.main(train.cli([*TINY_FLAGS, "--steps", "6000", "--logdir", str(tmp_path / "half"), "--resume"]))
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)
+    assert a["counters"] == b["counters"] and a["counters"]["updates"] > 20
+    for k, v in a["agent"].items():
+        assert torch.equal(v, b["agent"][k]), k
+    for k, v in a["replay"]["data"].items():
+        assert np.array_equal(v, b["replay"]["data"][k]), k
+
+
+def test_bad_checkpoints_and_flags_fail_clearly_and_keep_the_good_checkpoint(tmp_path):
+    args = train.cli([*TINY_FLAGS, "--steps", "1000", "--logdir", str(tmp_path)])
+    train.main(args)
+    ckpt = tmp_path / "ckpt.pt"
+    good = ckpt.read_bytes()
+    with pytest.raises(SystemExit, match="exists; pass --resume"):
+        train.main(args)
+    with pytest.raises(SystemExit, match="rssm.deter=32, this run asks rssm.deter=64"):
+        train.main(train.cli([*TINY_FLAGS, "--rssm.deter", "64", "--logdir", str(tmp_path), "--resume"]))
+    with pytest.raises(SystemExit, match="oracle with --contexts default"):
+        train.main(train.cli([*TINY_FLAGS, "--context", "oracle", "--contexts", "default", "--logdir", str(tmp_path / "x")]))
+    with pytest.raises(SystemExit, match="unknown --size 'huge'"):
+        train.cli(["--size", "huge"])
+    # a crash while writing leaves the previous checkpoint intact
+    with pytest.raises(Exception):
+        train.save_checkpoint(ckpt, {"version": 1, "bad": lambda: None})  # unpicklable
+    assert ckpt.read_bytes() == good
+    # a truncated file is reported as corrupt, naming it
+    ckpt.write_bytes(good[: len(good) // 2])
+    with pytest.raises(SystemExit, match=f"checkpoint {ckpt} is corrupt or truncated"):
+        train.main(train.cli([*TINY_FLAGS, "--logdir", str(tmp_path), "--resume"]))
