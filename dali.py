@@ -338,12 +338,11 @@ class Agent(nn.Module):
         entropies = []
 
         def policy(state):
+            # The actor reads detached states; its gradient comes back through the reparameterised action
+            # and the (frozen) dynamics: DreamerV3's backprop estimator for continuous actions.
             dist = self.actor(self._with_ctx(self.rssm.feat(state).detach(), head_ctx))
             entropies.append(dist.entropy().sum(-1))
-            # Dynamics backprop (DreamerV3, continuous actions): the sampled action is reparameterised.
-            action = dist.rsample()
-            # The actor sees detached features so its gradient reaches it only through the actions.
-            return action
+            return dist.rsample()
 
         frozen = [self.world_model, self.critic]
         for m in frozen:
@@ -391,8 +390,8 @@ class Agent(nn.Module):
         metrics.update({"wm/loss": model_loss.detach(), "wm/grad_norm": model_norm})
         # Imagination, actor and critic
         ac_losses, ac_metrics = self.imagine_and_act(post, ctx, batch["is_terminal"])
-        for name, opt, module in (("actor", self.actor_opt, self.actor), ("critic", self.critic_opt, self.critic)):
-            opt.zero_grad(set_to_none=True)
+        self.actor_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
         (ac_losses["actor"].mean() + ac_losses["critic"].mean()).backward()  # disjoint parameters
         for name, opt, module in (("actor", self.actor_opt, self.actor), ("critic", self.critic_opt, self.critic)):
             metrics[f"ac/{name}_grad_norm"] = nn.utils.clip_grad_norm_(module.parameters(), self.cfg.ac_clip)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes.util
 import math
 import os
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -149,12 +150,19 @@ def carl():
     (carl.envs.gymnasium calls pygame.display.init()), which we point at SDL's dummy driver."""
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    # SDL replaces the SIGINT/SIGTERM handlers by ones that only queue a quit event nobody reads: `kill` would
+    # stop working once contexts are sampled. Ask it not to, and restore Python's handlers after the import.
+    os.environ.setdefault("SDL_NO_SIGNAL_HANDLERS", "1")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # carl warns about optional simulators (Box2D, py4j) we do not use, under its own "once" filter; record=True
     # catches them anyway.
     with warnings.catch_warnings(record=True):
         import carl.context.context_space
         import carl.context.sampler
         import carl.envs.dmc
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
     return carl
 
 

@@ -104,8 +104,9 @@ class RSSM(nn.Module):
     def _sample(logits: torch.Tensor) -> torch.Tensor:
         """One-hot sample with straight-through gradients: (..., S, C) -> (..., S*C)."""
         probs = logits.exp()
-        index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
-        onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+        # Gumbel-max: argmax(log p + Gumbel noise) ~ Cat(p); much cheaper than torch.multinomial on CPU.
+        gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_(1e-20, 1.0)))
+        onehot = F.one_hot((logits.detach() + gumbel).argmax(-1), probs.shape[-1]).to(probs.dtype)
         return (onehot + probs - probs.detach()).flatten(-2)
 
     # -- steps ---------------------------------------------------------------------------------------
@@ -138,11 +139,13 @@ class RSSM(nn.Module):
         is_first: torch.Tensor,
         ctx_seq: torch.Tensor | None = None,
         ctx_post: torch.Tensor | None = None,
+        init: dict | None = None,
     ) -> tuple[dict, dict]:
-        """Posterior step. Where `is_first`, the state restarts from the initial state and the previous
-        action is zeroed, so sequences may cross episode boundaries. Returns (posterior, prior)."""
+        """Posterior step. Where `is_first`, the state restarts from the initial state (`init`, computed here
+        if not given) and the previous action is zeroed, so sequences may cross episode boundaries.
+        Returns (posterior, prior)."""
         keep = (~is_first).to(embed.dtype).unsqueeze(-1)  # (N, 1)
-        init = self.initial(embed.shape[0])
+        init = self.initial(embed.shape[0]) if init is None else init
         state = {k: keep * state[k] + (1 - keep) * init[k] for k in ("deter", "stoch")}
         prior = self.img_step(state, keep * action, ctx_seq)
         x = [prior["deter"], embed] + ([ctx_post] if self.ctx_post_size else [])
@@ -162,12 +165,13 @@ class RSSM(nn.Module):
         """Run obs_step over (B, T): embed (B, T, E), action (B, T, A) = a_{t-1}, is_first (B, T) bool.
         Returns posterior and prior dicts of (B, T, ...) tensors."""
         B, T = embed.shape[:2]
-        state = self.initial(B) if state is None else state
+        init = self.initial(B)  # once per sequence, not per step
+        state = init if state is None else state
         posts, priors = [], []
         for t in range(T):
             cs = None if ctx_seq is None else ctx_seq[:, t]
             cp = None if ctx_post is None else ctx_post[:, t]
-            state, prior = self.obs_step(state, action[:, t], embed[:, t], is_first[:, t], cs, cp)
+            state, prior = self.obs_step(state, action[:, t], embed[:, t], is_first[:, t], cs, cp, init)
             posts.append(state)
             priors.append(prior)
         stack = lambda xs: {k: torch.stack([x[k] for x in xs], 1) for k in xs[0]}  # noqa: E731

@@ -539,3 +539,20 @@ def test_bad_checkpoints_and_flags_fail_clearly_and_keep_the_good_checkpoint(tmp
     ckpt.write_bytes(good[: len(good) // 2])
     with pytest.raises(SystemExit, match=f"checkpoint {ckpt} is corrupt or truncated"):
         train.main(train.cli([*TINY_FLAGS, "--logdir", str(tmp_path), "--resume"]))
+
+
+def test_signals_still_stop_the_process_after_carl_import():
+    """carl's import opens a pygame display; SDL must not swallow SIGTERM / SIGINT (schedulers, Ctrl-C)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = "import envs, time; envs.train_contexts('walker', 'double_box', n=2); print('ready', flush=True); time.sleep(60)"
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(sig)
+        try:
+            assert proc.wait(timeout=10) != 0
+        finally:
+            proc.kill()
