@@ -11,7 +11,11 @@ Sec. 4.2) adds a context vector ctx and two ways to feed it:
                 input, reconstructed by the decoder (cRSSM-S)
                 deep: sequence model, reward, continue, decoder, actor and critic (DALI-D, cRSSM-D)
 
-ctx is detached wherever the world model and the actor-critic consume it.
+ctx is detached wherever the world model and the actor-critic consume it: only L_FD (and L_cross) train
+the context encoder, with its own optimiser. A learned-context agent never reads the true context.
+
+Replayed batches of a learned-context agent hold K = `context_prefix` extra records before the T training
+steps, so that ctx_t of the first training step already sees a full window (fewer at an episode start).
 
 Data convention (one for replay, training and acting): record t holds o_t, the action a_{t-1} that led to
 it (zeros when is_first), the reward r_t received on arriving at o_t, is_first_t, is_terminal_t and the
@@ -31,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, CrossModal, cross_modal_loss, forward_dynamics_loss
 from rssm import RSSM, Dense, RSSMConfig, kl_loss, linear, trunc_normal_
 
 ContextSource = Literal["none", "oracle", "learned"]
@@ -41,8 +46,8 @@ Integration = Literal["shallow", "deep"]
 class AgentConfig:
     """Everything of the agent but the RSSM sizes (DreamerV3 App. B, Table B.1 defaults)."""
 
-    context: ContextSource = "none"
-    """Where ctx comes from: none (Dreamer-DR), oracle (true context: cRSSM), learned (DALI)."""
+    context: ContextSource = "learned"
+    """Where ctx comes from: learned (DALI), oracle (true context: cRSSM), none (Dreamer-DR)."""
     integration: Integration = "shallow"
     """shallow: ctx into the posterior (or, oracle, the encoder); deep: ctx into every predictor too."""
     hidden: int = 512
@@ -262,18 +267,25 @@ class Actor(nn.Module):
 class Agent(nn.Module):
     """World model + actor + critic. `update(batch)` does one training step; `act(obs, state)` acts."""
 
-    def __init__(self, cfg: AgentConfig, rssm_cfg: RSSMConfig, spaces: Spaces):
+    def __init__(self, cfg: AgentConfig, rssm_cfg: RSSMConfig, spaces: Spaces, ctx_cfg: ContextEncoderConfig = ContextEncoderConfig()):
         super().__init__()
-        if cfg.context == "learned":
-            raise NotImplementedError("--context learned needs the context encoder (context_encoder.py), not built yet")
         if cfg.context == "oracle" and spaces.context == 0:
             raise ValueError("--context oracle needs the env's true context, but spaces.context is 0")
-        self.cfg, self.spaces = cfg, spaces
-        X = spaces.context if cfg.context != "none" else 0
+        self.cfg, self.spaces, self.ctx_cfg = cfg, spaces, ctx_cfg
+        learned = cfg.context == "learned"
+        X = {"none": 0, "oracle": spaces.context, "learned": ctx_cfg.dim}[cfg.context]
         self.ctx_enc = X if (cfg.context == "oracle" and cfg.integration == "shallow") else 0  # cRSSM-S
-        self.ctx_deep = X if cfg.integration == "deep" else 0  # into sequence model and every predictor
+        self.ctx_post = X if (learned and cfg.integration == "shallow") else 0  # DALI-S
+        self.ctx_deep = X if cfg.integration == "deep" else 0  # DALI-D, cRSSM-D: sequence model and predictors
         self.encoder = Encoder(spaces, cfg, self.ctx_enc)
-        self.rssm = RSSM(rssm_cfg, self.encoder.size, spaces.action, ctx_seq=self.ctx_deep)
+        self.rssm = RSSM(rssm_cfg, self.encoder.size, spaces.action, ctx_seq=self.ctx_deep, ctx_post=self.ctx_post)
+        self.context_prefix = ctx_cfg.window if learned else 0
+        if learned:  # tokens from features, or from the world model's (detached) pixel embeddings
+            token_obs = spaces.obs if spaces.image is None else self.encoder.size
+            self.ctx_encoder = ContextEncoder(ctx_cfg, token_obs, spaces.action, features=spaces.image is None)
+            self.cross = CrossModal(ctx_cfg.dim, rssm_cfg.stoch * rssm_cfg.classes) if ctx_cfg.cross_weight else None
+            ctx_params = list(self.ctx_encoder.parameters()) + (list(self.cross.parameters()) if self.cross else [])
+            self.ctx_opt = torch.optim.Adam(ctx_params, ctx_cfg.lr)
         F_ = self.rssm.feat_size + self.ctx_deep  # input of decoder, heads, actor, critic
         self.decoder = Decoder(spaces, cfg, F_, self.ctx_enc)
         self.reward_head = mlp(F_, cfg.hidden, cfg.layers, 255, zero_out=True)
@@ -289,13 +301,29 @@ class Agent(nn.Module):
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), cfg.ac_lr, eps=cfg.ac_eps)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), cfg.ac_lr, eps=cfg.ac_eps)
 
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Every optimiser, by name (checkpoints save and restore exactly these)."""
+        opts = {"model": self.model_opt, "actor": self.actor_opt, "critic": self.critic_opt}
+        return {**opts, "ctx": self.ctx_opt} if self.cfg.context == "learned" else opts
+
     # -- context wiring ------------------------------------------------------------------------------
 
-    def context(self, batch: dict) -> torch.Tensor | None:
-        """ctx for every step of `batch`, (B, T, X), detached; None for a context-unaware agent."""
+    def context(self, batch: dict) -> tuple[torch.Tensor | None, dict]:
+        """ctx for the last T steps of `batch` (B, K + T, ...): (B, T, X) detached, or None for a
+        context-unaware agent; plus, for a learned context, the not-yet-detached pieces its losses need."""
         if self.cfg.context == "oracle":
-            return batch["context"].float().detach()
-        return None
+            return batch["context"][:, self.context_prefix :].float().detach(), {}
+        if self.cfg.context == "none":
+            return None, {}
+        P = self.context_prefix
+        if self.spaces.image is None:
+            x = batch["obs"].float()
+        else:
+            with torch.no_grad():  # tokens and targets are detached embeddings: L_FD never trains the encoder
+                x = self.encoder(batch["image"])
+        ctx, valid = self.ctx_encoder.segment(x, batch["action"], batch["is_first"])  # (B, K+T, X), (B, K+T-1)
+        return ctx[:, P:].detach(), {"x": x, "ctx": ctx, "valid": valid}
 
     def _with_ctx(self, feat: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
         """Input of decoder, heads, actor and critic: [feat, ctx] when deep, else feat."""
@@ -304,11 +332,13 @@ class Agent(nn.Module):
     # -- training ------------------------------------------------------------------------------------
 
     def world_model_loss(self, batch: dict, ctx: torch.Tensor | None) -> tuple[dict, dict]:
-        """DreamerV3 eq. 4-5 on a replayed batch of (B, T). Returns per-(B, T) losses and the posterior."""
+        """DreamerV3 eq. 4-5 on a replayed batch of (B, T) (no context prefix). Returns per-(B, T) losses
+        and the posterior."""
         obs = batch["image"] if self.spaces.image is not None else batch["obs"]
         embed = self.encoder(obs, ctx if self.ctx_enc else None)  # (B, T, E)
         seq_ctx = ctx if self.ctx_deep else None
-        post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"], ctx_seq=seq_ctx)
+        post_ctx = ctx if self.ctx_post else None
+        post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"], ctx_seq=seq_ctx, ctx_post=post_ctx)
         feat = self._with_ctx(self.rssm.feat(post), ctx)  # (B, T, F)
         dyn, rep = kl_loss(post["logits"], prior["logits"], self.cfg.free_nats)
         losses = {
@@ -374,8 +404,10 @@ class Agent(nn.Module):
 
     def update(self, batch: dict) -> dict[str, torch.Tensor]:
         """One gradient step of world model, actor and critic on a batch of (B, T) sequences.
-        Returns detached scalar metrics (no host sync: call .item() only when logging)."""
-        ctx = self.context(batch)
+        Returns detached scalar metrics (no host sync: call .item() only when logging).
+        A learned-context agent's batch is (B, K + T): K records of history before the T training steps."""
+        ctx, pieces = self.context(batch)
+        full, batch = batch, {k: v[:, self.context_prefix :] for k, v in batch.items()}
         # World model
         losses, post = self.world_model_loss(batch, ctx)
         assert losses.keys() == self.loss_scales.keys(), (losses.keys(), self.loss_scales.keys())
@@ -388,6 +420,9 @@ class Agent(nn.Module):
         self.model_opt.step()
         metrics = {f"wm/{k}": v.detach().mean() for k, v in losses.items()}
         metrics.update({"wm/loss": model_loss.detach(), "wm/grad_norm": model_norm})
+        # Context encoder: trained by L_FD (+ L_cross) alone
+        if pieces:
+            metrics.update(self.update_context_encoder(full, pieces, post["stoch"]))
         # Imagination, actor and critic
         ac_losses, ac_metrics = self.imagine_and_act(post, ctx, batch["is_terminal"])
         self.actor_opt.zero_grad(set_to_none=True)
@@ -403,24 +438,50 @@ class Agent(nn.Module):
         metrics.update(ac_metrics)
         return {k: v.detach() for k, v in metrics.items()}
 
+    def update_context_encoder(self, batch: dict, pieces: dict, stoch: torch.Tensor) -> dict:
+        """DALI eq. 3: L_FD over the T training steps (each ctx_t with its full window), + lambda L_cross."""
+        P, x, ctx = self.context_prefix, pieces["x"], pieces["ctx"]
+        # step t predicts o_{t+1} from (o_t, a_t, ctx_t); a_t is stored with record t+1
+        fd = forward_dynamics_loss(self.ctx_encoder, x[:, P:-1], x[:, P + 1 :], batch["action"][:, P + 1 :], ctx[:, P:-1], pieces["valid"][:, P:])
+        loss = fd.sum() / pieces["valid"][:, P:].sum().clamp(min=1)
+        metrics = {"ctx/fd_loss": loss.detach()}
+        if self.cross is not None:
+            cross = cross_modal_loss(self.cross, ctx[:, P:], stoch).mean()
+            loss = loss + self.ctx_cfg.cross_weight * cross
+            metrics["ctx/cross_loss"] = cross.detach()
+        self.ctx_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.ctx_opt.param_groups for p in g["params"]]
+        metrics["ctx/grad_norm"] = nn.utils.clip_grad_norm_(params, self.ctx_cfg.clip)
+        self.ctx_opt.step()
+        metrics["ctx/norm"] = ctx[:, P:].detach().norm(dim=-1).mean()
+        return metrics
+
     # -- acting --------------------------------------------------------------------------------------
 
-    def initial_state(self, n: int) -> tuple[dict, torch.Tensor]:
-        """Acting state for n envs: (latent, previous action)."""
+    def initial_state(self, n: int) -> tuple:
+        """Acting state for n envs: (latent, previous action, context window or None)."""
         device = self.bins.device
-        return self.rssm.initial(n), torch.zeros(n, self.spaces.action, device=device)
+        window = ContextWindow(self.ctx_encoder, n, device) if self.cfg.context == "learned" else None
+        return self.rssm.initial(n), torch.zeros(n, self.spaces.action, device=device), window
 
     @torch.inference_mode()
-    def act(self, obs: dict, state: tuple[dict, torch.Tensor], sample: bool = True) -> tuple[torch.Tensor, tuple]:
+    def act(self, obs: dict, state: tuple, sample: bool = True) -> tuple[torch.Tensor, tuple]:
         """One policy step for a batch of envs. obs: tensors (N, ...) with "is_first"; returns actions
-        (N, A) in [-1, 1] and the next state. The action is a_t, stored as the next record's a_{t-1}."""
-        latent, prev_action = state
-        batch = {k: v[:, None] for k, v in obs.items()}  # (N, 1, ...): context() works on sequences
-        ctx = self.context(batch)
-        ctx = None if ctx is None else ctx[:, 0]
-        x = obs["image"] if self.spaces.image is not None else obs["obs"]
-        embed = self.encoder(x, ctx if self.ctx_enc else None)
-        latent, _ = self.rssm.obs_step(latent, prev_action, embed, obs["is_first"], ctx if self.ctx_deep else None)
+        (N, A) in [-1, 1] and the next state. The action is a_t, stored as the next record's a_{t-1}.
+        A learned ctx_t comes from this env's window of the current episode's transitions up to o_t."""
+        latent, prev_action, window = state
+        x = obs["image"] if self.spaces.image is not None else obs["obs"].float()
+        if self.cfg.context == "oracle":
+            ctx = obs["context"].float()
+            embed = self.encoder(x, ctx if self.ctx_enc else None)
+        else:
+            embed = self.encoder(x)
+            ctx = None
+            if self.cfg.context == "learned":  # tokens from features, or from pixel embeddings
+                ctx = window.update(x if self.spaces.image is None else embed, prev_action, obs["is_first"])
+        seq_ctx, post_ctx = (ctx if self.ctx_deep else None), (ctx if self.ctx_post else None)
+        latent, _ = self.rssm.obs_step(latent, prev_action, embed, obs["is_first"], seq_ctx, post_ctx)
         dist = self.actor(self._with_ctx(self.rssm.feat(latent), ctx))
         action = (dist.sample() if sample else dist.mean).clamp(-1, 1)
-        return action, (latent, action)
+        return action, (latent, action, window)

@@ -32,6 +32,7 @@ import tyro
 from tqdm import tqdm
 
 import envs
+from context_encoder import ContextEncoderConfig
 from dali import Agent, AgentConfig, Spaces
 from rssm import RSSMConfig
 
@@ -92,6 +93,7 @@ class Args:
     """Show a progress bar on stderr."""
     agent: Annotated[AgentConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=AgentConfig)
     rssm: RSSMConfig = field(default_factory=RSSMConfig)
+    ctx: ContextEncoderConfig = field(default_factory=ContextEncoderConfig)
 
 
 # Size presets: RSSM sizes and MLP widths (DreamerV3 2023 Table B.1; `cpu` is smaller for 2-core machines).
@@ -206,7 +208,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def args_from_dict(d: dict) -> Args:
     """Rebuild Args saved in a checkpoint or args.json (for evaluate.py and counterfactual.py)."""
-    return Args(**{**d, "agent": AgentConfig(**d["agent"]), "rssm": RSSMConfig(**d["rssm"])})
+    return Args(**{**d, "agent": AgentConfig(**d["agent"]), "rssm": RSSMConfig(**d["rssm"]), "ctx": ContextEncoderConfig(**d["ctx"])})
 
 
 def build_agent(args: Args, env: envs.ContextualDMC, device: str | torch.device = "cpu") -> Agent:
@@ -216,7 +218,7 @@ def build_agent(args: Args, env: envs.ContextualDMC, device: str | torch.device 
         image=env.image_shape if args.obs == "pixels" else None,
         context=len(env.features),
     )
-    return Agent(args.agent, args.rssm, spaces).to(device)
+    return Agent(args.agent, args.rssm, spaces, args.ctx).to(device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,8 +236,10 @@ def check_args(args: Args) -> None:
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.train_ratio <= 0:
         problems.append(f"--train-ratio {args.train_ratio}: must be > 0")
-    if args.replay_capacity // args.envs < args.batch_length:
-        problems.append(f"--replay-capacity {args.replay_capacity}: must hold at least --batch-length records per env")
+    if args.replay_capacity // args.envs < args.batch_length + args.ctx.window:
+        problems.append(f"--replay-capacity {args.replay_capacity}: must hold --batch-length + --ctx.window records per env")
+    if args.ctx.window < 1 or args.ctx.dim < 1:
+        problems.append(f"--ctx.window {args.ctx.window}, --ctx.dim {args.ctx.dim}: both must be >= 1")
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
 
@@ -323,7 +327,7 @@ def main(args: Args) -> dict:
     c = {"env_steps": 0, "updates": 0, "episodes": 0, "last_eval": 0, "last_save": 0, "last_log": 0}
     if ckpt is not None:
         agent.load_state_dict(ckpt["agent"])
-        for name, opt in (("model", agent.model_opt), ("actor", agent.actor_opt), ("critic", agent.critic_opt)):
+        for name, opt in agent.optimizers.items():
             opt.load_state_dict(ckpt["optimizers"][name])
         replay.load_state_dict(ckpt["replay"])
         c = ckpt["counters"]
@@ -353,7 +357,7 @@ def main(args: Args) -> dict:
             "torch": torch.get_rng_state(),
             "envs": [env.rng_state() for env in vec.envs],
         }
-        optimizers = {"model": agent.model_opt.state_dict(), "actor": agent.actor_opt.state_dict(), "critic": agent.critic_opt.state_dict()}
+        optimizers = {name: opt.state_dict() for name, opt in agent.optimizers.items()}
         payload = {"version": CHECKPOINT_VERSION, "args": dataclasses.asdict(args), "agent": agent.state_dict(), "optimizers": optimizers}
         save_checkpoint(ckpt_path, {**payload, "replay": replay.state_dict(), "counters": dict(c), "rng": rng})
 
@@ -387,10 +391,11 @@ def main(args: Args) -> dict:
         is_terminal = np.where(done, False, term)
         at_boundary = bool(done.all())
         # Train at the train ratio
-        if c["env_steps"] >= args.prefill and replay.ready(args.batch_length):
+        length = agent.context_prefix + args.batch_length  # learned context: K records of history first
+        if c["env_steps"] >= args.prefill and replay.ready(length):
             policy_steps = (c["env_steps"] - args.prefill) // args.action_repeat
             while c["updates"] < policy_steps * updates_per_policy_step:
-                batch = to_torch(replay.sample(args.batch_size, args.batch_length), device)
+                batch = to_torch(replay.sample(args.batch_size, length), device)
                 logger.add(agent.update(batch))
                 c["updates"] += 1
         # Evaluate, log, checkpoint
