@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rssm import Dense, linear
+from rssm import Dense, linear, symlog
 
 
 @dataclass(frozen=True)
@@ -59,10 +59,6 @@ class ContextEncoderConfig:
     0.75 in the same 70 s on ball_in_cup)."""
     clip: float = 100.0
     """Gradient-norm clip of g and f."""
-
-
-def symlog(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.log1p(x.abs())
 
 
 def transition_tokens(obs: torch.Tensor, next_obs: torch.Tensor, action: torch.Tensor, features: bool) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, CrossModal, cross_modal_loss, forward_dynamics_loss
-from rssm import RSSM, Dense, RSSMConfig, kl_loss, linear, trunc_normal_
+from rssm import RSSM, Dense, RSSMConfig, kl_loss, linear, symexp, symlog, trunc_normal_
 
 ContextSource = Literal["none", "oracle", "learned"]
 Integration = Literal["shallow", "deep"]
@@ -105,14 +105,6 @@ class Spaces:
 # ----------------------------------------------------------------------------------------------------
 # Pure functions: transforms, distributions, returns, losses
 # ----------------------------------------------------------------------------------------------------
-
-
-def symlog(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.log1p(x.abs())
-
-
-def symexp(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.expm1(x.abs())
 
 
 def twohot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ Public API:
     train_contexts(task, setting, n, seed)       -> list[dict]           (training contexts)
     eval_contexts(task, setting)                 -> list[(dict, regime)] (zero-shot evaluation grid)
     normalize_context(task, context)             -> float32 array in [-1, 1] over the training range
+    random_rollouts(task, setting, episodes, steps) -> random-policy data for probes
 
 Observations are dicts: "obs" (float32 features) or "image" (uint8 H x W x 3), plus "context" (the true
 context, normalised over the training range; only the oracle baselines may read it). `info["context"]`
@@ -442,6 +443,24 @@ def make_env(
 ) -> ContextualDMC:
     """A contextual DMC env; `contexts` is cycled one per episode (None: the default context)."""
     return ContextualDMC(task, obs, contexts, seed, action_repeat, image_size)
+
+
+def random_rollouts(task: Task, setting: str, episodes: int, steps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Uniform-random-action episodes, one per training context in turn (probes of the context encoder).
+    Returns obs (E, S+1, O) float32, actions (E, S+1, A) with a_{t-1} at t (zeros at t = 0, the replay
+    convention of dali.py) and the normalised true context of each episode (E, X)."""
+    env = make_env(task, contexts=train_contexts(task, setting, seed=seed), seed=seed)
+    rng = np.random.default_rng(seed)
+    obs = np.zeros((episodes, steps + 1, env.obs_size), np.float32)
+    actions = np.zeros((episodes, steps + 1, env.action_size), np.float32)
+    contexts = np.zeros((episodes, len(env.features)), np.float32)
+    for e in range(episodes):
+        o, _ = env.reset()
+        obs[e, 0], contexts[e] = o["obs"], o["context"]
+        for t in range(1, steps + 1):
+            actions[e, t] = rng.uniform(-1, 1, env.action_size)
+            obs[e, t] = env.step(actions[e, t])[0]["obs"]
+    return obs, actions, contexts
 
 
 class VectorEnv:

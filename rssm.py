@@ -42,6 +42,16 @@ class RSSMConfig:
     """LayerNorm epsilon, as in DreamerV3."""
 
 
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    """DreamerV3 eq. 1: sign(x) ln(|x| + 1), squashes inputs and targets of any scale."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of symlog."""
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
 def trunc_normal_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """DreamerV3's initialiser: truncated normal with variance scale / fan_avg (0.8796 corrects truncation)."""
     fan_out, fan_in = weight.shape[0], weight[0].numel()

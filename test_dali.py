@@ -666,24 +666,6 @@ def test_context_wiring_shallow_vs_deep():
     assert none.rssm.ctx_seq_size == none.rssm.ctx_post_size == 0 and none.actor.net[0][0].in_features == F
 
 
-def _random_episodes(task, episodes, steps, seed):
-    """Random-policy episodes under the 100 single_0 training contexts: obs (E, S+1, O), a_{t-1} (E, S+1, A),
-    normalised true context (E, X)."""
-    env = envs.make_env(task, contexts=envs.train_contexts(task, "single_0", seed=seed), seed=seed)
-    rng = np.random.default_rng(seed)
-    obs, actions, contexts = [], [], []
-    for _ in range(episodes):
-        o, _ = env.reset()
-        ep_obs, ep_act = [o["obs"]], [np.zeros(env.action_size, np.float32)]
-        for _ in range(steps):
-            a = rng.uniform(-1, 1, env.action_size).astype(np.float32)
-            o, *_ = env.step(a)
-            ep_obs.append(o["obs"])
-            ep_act.append(a)
-        obs.append(np.stack(ep_obs)), actions.append(np.stack(ep_act)), contexts.append(o["context"])
-    return torch.tensor(np.stack(obs)), torch.tensor(np.stack(actions)), torch.tensor(np.stack(contexts))
-
-
 def _linear_probe_r2(x_train, y_train, x_test, y_test):
     fit = lambda x: torch.cat([x, torch.ones(len(x), 1)], 1)  # noqa: E731
     w = torch.linalg.lstsq(fit(x_train), y_train).solution
@@ -697,7 +679,7 @@ def test_context_encoder_learns_gravity_from_random_policy_data():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     K, L, S = 64, 96, 150
-    obs, actions, ctx_true = _random_episodes("ball_in_cup", 160, S, seed=0)
+    obs, actions, ctx_true = map(torch.tensor, envs.random_rollouts("ball_in_cup", "single_0", 160, S, seed=0))
     n_train = 120
     cfg = context_encoder.ContextEncoderConfig(window=K)
     enc = context_encoder.ContextEncoder(cfg, obs=8, action=2)

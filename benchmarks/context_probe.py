@@ -1,0 +1,140 @@
+"""How well does the context vector encode the true physics? (DALI Sec. 5, the O(K) vs O(T) argument)
+
+For each task: collect random-policy episodes under the 100 `double_box` training contexts (both features
+vary); train the context encoder g by L_FD alone for a fixed time per window length K; fit probes from
+ctx_t to the true normalised context on training episodes and report R^2 on held-out episodes (linear
+probe, and a small MLP probe beside it). Next to it, the same probes on the deterministic RSSM state h_t
+of a DreamerV3 world model trained for the same time on the same data (h_t sees the whole episode so far).
+
+Run by hand (about 2 x 5 x --seconds plus collection):
+    python benchmarks/context_probe.py --seconds 120
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dali  # noqa: E402
+import envs  # noqa: E402
+from context_encoder import ContextEncoder, ContextEncoderConfig, forward_dynamics_loss  # noqa: E402
+from rssm import RSSMConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Args:
+    tasks: tuple[str, ...] = ("ball_in_cup", "walker")
+    """Tasks to probe."""
+    windows: tuple[int, ...] = (1, 4, 16, 64)
+    """Window lengths K of the context encoder."""
+    seconds: float = 120.0
+    """Training time of each encoder (and of the world model)."""
+    episodes: int = 200
+    """Random-policy episodes (3/4 train, 1/4 held out)."""
+    steps: int = 150
+    """Policy steps per episode (action repeat 2)."""
+    threads: int = 2
+    """torch threads."""
+    seed: int = 0
+    """Seed of contexts, envs and training."""
+
+
+def r2_linear(xtr, ytr, xte, yte):
+    fit = lambda x: torch.cat([x, torch.ones(len(x), 1)], 1)  # noqa: E731
+    pred = fit(xte) @ torch.linalg.lstsq(fit(xtr), ytr).solution
+    return (1 - ((pred - yte) ** 2).sum(0) / ((yte - yte.mean(0)) ** 2).sum(0)).tolist()
+
+
+def r2_mlp(xtr, ytr, xte, yte):
+    torch.manual_seed(0)
+    m, s = xtr.mean(0), xtr.std(0) + 1e-6
+    net = torch.nn.Sequential(torch.nn.Linear(xtr.shape[1], 32), torch.nn.SiLU(), torch.nn.Linear(32, ytr.shape[1]))
+    opt = torch.optim.Adam(net.parameters(), 1e-2, weight_decay=1e-3)
+    for _ in range(300):
+        loss = ((net((xtr - m) / s) - ytr) ** 2).mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+    with torch.no_grad():
+        pred = net((xte - m) / s)
+    return (1 - ((pred - yte) ** 2).sum(0) / ((yte - yte.mean(0)) ** 2).sum(0)).tolist()
+
+
+def probe(features: torch.Tensor, ctx_true: torch.Tensor, n_train: int):
+    """features (E, P, F) at P probe steps per episode -> R^2 per context feature, linear and MLP."""
+    y = ctx_true[:, None].expand(-1, features.shape[1], -1)
+    split = lambda a: (a[:n_train].flatten(0, 1), a[n_train:].flatten(0, 1))  # noqa: E731
+    (xtr, xte), (ytr, yte) = split(features), split(y)
+    return r2_linear(xtr, ytr, xte, yte), r2_mlp(xtr, ytr, xte, yte)
+
+
+def train_encoder(K, obs, actions, n_train, probe_steps, seconds):
+    L = K + 32
+    enc = ContextEncoder(ContextEncoderConfig(window=K), obs.shape[-1], actions.shape[-1])
+    opt = torch.optim.Adam(enc.parameters(), enc.cfg.lr)
+    S, start, its = obs.shape[1] - 1, time.time(), 0
+    while time.time() - start < seconds:
+        idx = torch.randint(0, n_train, (32,))
+        steps = torch.randint(0, S + 1 - L, (32,))[:, None] + torch.arange(L)
+        o, a = obs[idx[:, None], steps], actions[idx[:, None], steps]
+        ctx, valid = enc.segment(o, a, torch.zeros(32, L, dtype=torch.bool))
+        loss = forward_dynamics_loss(enc, o[:, :-1], o[:, 1:], a[:, 1:], ctx[:, :-1], valid).mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+        its += 1
+    with torch.no_grad():
+        zeros = torch.zeros(len(obs), K + 1, dtype=torch.bool)
+        ctx = torch.stack([enc.segment(obs[:, t - K : t + 1], actions[:, t - K : t + 1], zeros)[0][:, -1] for t in probe_steps], 1)
+    return ctx, its, loss.item()
+
+
+def train_world_model(obs, actions, n_train, probe_steps, seconds):
+    """A context-unaware DreamerV3 world model (cpu preset) trained on the same data; returns h_t."""
+    spaces = dali.Spaces(action=actions.shape[-1], obs=obs.shape[-1], context=0)
+    agent = dali.Agent(dali.AgentConfig(context="none", hidden=128, layers=1), RSSMConfig(deter=256, hidden=128, classes=8), spaces)
+    S, T, start, its = obs.shape[1] - 1, 64, time.time(), 0
+    while time.time() - start < seconds:
+        idx = torch.randint(0, n_train, (16,))
+        first = torch.randint(0, S + 1 - T, (16,))
+        steps = first[:, None] + torch.arange(T)
+        batch = {"obs": obs[idx[:, None], steps], "action": actions[idx[:, None], steps], "reward": torch.zeros(16, T),
+                 "is_first": (steps == 0), "is_terminal": torch.zeros(16, T, dtype=torch.bool)}  # fmt: skip
+        losses, _ = agent.world_model_loss(batch, None)
+        loss = sum(agent.loss_scales[k] * v.mean() for k, v in losses.items() if k != "rew")
+        agent.model_opt.zero_grad(), loss.backward(), agent.model_opt.step()
+        its += 1
+    with torch.no_grad():
+        is_first = torch.zeros(obs.shape[:2], dtype=torch.bool)
+        is_first[:, 0] = True
+        post, _ = agent.rssm.observe(agent.encoder(obs), actions, is_first)
+    return post["deter"][:, list(probe_steps)], its
+
+
+def main(args: Args) -> None:
+    torch.set_num_threads(args.threads)
+    rows = []
+    for task in args.tasks:
+        torch.manual_seed(args.seed)
+        obs, actions, ctx_true = map(torch.tensor, envs.random_rollouts(task, "double_box", args.episodes, args.steps, args.seed))
+        names = list(envs.CONTEXT_FEATURES[task])
+        n_train = args.episodes * 3 // 4
+        probe_steps = range(max(args.windows) + 1, args.steps + 1, 20)
+        for K in args.windows:
+            ctx, its, fd = train_encoder(K, obs, actions, n_train, probe_steps, args.seconds)
+            lin, mlp = probe(ctx, ctx_true, n_train)
+            rows.append((f"{task} ({names[0]}, {names[1]})", f"ctx, K={K}", its, lin, mlp))
+            print(task, K, its, f"fd {fd:.4f}", lin, mlp, flush=True)
+        h, its = train_world_model(obs, actions, n_train, probe_steps, args.seconds)
+        lin, mlp = probe(h, ctx_true, n_train)
+        rows.append((f"{task} ({names[0]}, {names[1]})", "RSSM h_t (whole episode)", its, lin, mlp))
+        print(task, "h", its, lin, mlp, flush=True)
+    print(f"\nProbe R^2 on held-out episodes ({args.seconds:.0f} s of training each, random policy, double_box contexts)\n")
+    print("| task (feature 0, feature 1) | input | updates | " + " | ".join(f"{f} linear | {f} MLP" for f in ("feature 0", "feature 1")) + " |")
+    print("|---|---|---|" + "---|" * 4)
+    for task, what, its, lin, mlp in rows:
+        print(f"| {task} | {what} | {its} | {lin[0]:.2f} | {mlp[0]:.2f} | {lin[1]:.2f} | {mlp[1]:.2f} |")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
