@@ -411,7 +411,8 @@ def main(args: Args) -> dict:
         if at_boundary and c["env_steps"] - c["last_save"] >= args.save_every:
             c["last_save"] = c["env_steps"]
             checkpoint()
-    checkpoint()
+    if c["last_save"] != c["env_steps"]:  # not already saved at this very step
+        checkpoint()
     if logger.pending:
         logger.write(c["env_steps"], progress if args.progress else None)
     progress.close()
