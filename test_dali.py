@@ -710,3 +710,183 @@ def test_context_encoder_learns_gravity_from_random_policy_data():
     # pooled random features of transitions already say something (R^2 ~0.6); training must cut the
     # unexplained variance at least fourfold (measured: 0.57 -> 0.95)
     assert trained >= 0.7 and (1 - trained) < (1 - untrained) / 4, (untrained, trained)
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluate.py: rliable's statistics, the grid evaluation, bad results files
+# ----------------------------------------------------------------------------------------------------
+
+import evaluate  # noqa: E402
+
+
+def test_iqm_is_the_25_percent_trimmed_mean_and_other_metrics():
+    x = np.random.default_rng(0).uniform(0, 1.2, size=(5, 8))
+    flat = np.sort(x.ravel())
+    assert np.isclose(evaluate.iqm(x), flat[10:30].mean())  # 40 scores: the middle 20
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert np.isclose(evaluate.iqm(x), scipy_stats.trim_mean(x, 0.25, axis=None))
+    assert np.isclose(evaluate.median(x), np.median(x.mean(0)))
+    assert np.isclose(evaluate.optimality_gap(x), np.mean(np.maximum(0, 1 - x)))
+    batch = np.stack([x, x + 1])  # the metrics broadcast over leading bootstrap axes
+    assert np.allclose(evaluate.iqm(batch), [evaluate.iqm(x), evaluate.iqm(x + 1)])
+
+
+def test_probability_of_improvement_and_bootstrap_intervals():
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, size=(4, 6))
+    assert evaluate.probability_of_improvement(x, x) == 0.5  # identical samples: every pair ties or cancels
+    assert evaluate.probability_of_improvement(x + 2, x) == 1.0 and evaluate.probability_of_improvement(x, x + 2) == 0.0
+    # the Mann-Whitney definition on one task: count of wins + half the ties over all pairs
+    a, b = np.array([[1.0], [2.0], [3.0]]), np.array([[2.0], [0.0]])
+    assert evaluate.probability_of_improvement(a, b) == (0.5 + 1 + 1 + 1 + 1 + 0) / 6
+    for name, metric in evaluate.METRICS.items():
+        est = evaluate.metric_with_ci(x, metric, 500, np.random.default_rng(0))
+        assert est["ci"][0] <= est["value"] <= est["ci"][1], name
+    boot = evaluate.bootstrap(x, 200, np.random.default_rng(0))
+    for task in range(6):  # stratified: task j's resampled runs come from task j's column only
+        assert np.isin(boot[:, :, task], x[:, task]).all()
+    poi = evaluate.improvement_with_ci(x + 0.1, x, 500, np.random.default_rng(0))
+    assert poi["ci"][0] <= poi["value"] <= poi["ci"][1] and poi["value"] > 0.5
+
+
+# Reference values computed with rliable 1.2.0 itself (metrics.aggregate_*, probability_of_improvement,
+# library.get_interval_estimates with 50,000 percentile-bootstrap reps) on these (5 runs x 7 tasks) scores.
+# rliable is not a dependency: it imports only with pandas < 3 (its `arch` dependency breaks on pandas 3).
+RLIABLE_A = np.array([[0.636962, 0.269787, 0.040974, 0.016528, 0.813270, 0.912756, 0.606636],
+     [0.729497, 0.543625, 0.935072, 0.815854, 0.002739, 0.857404, 0.033586],
+     [0.729655, 0.175656, 0.863179, 0.541461, 0.299712, 0.422687, 0.028320],
+     [0.124283, 0.670624, 0.647190, 0.615385, 0.383678, 0.997210, 0.980835],
+     [0.685542, 0.650459, 0.688447, 0.388921, 0.135097, 0.721488, 0.525354]])
+RLIABLE_B = np.array([[0.545107, 0.150447, 0.019817, 0.091620, 0.799959, 0.604298, 0.636701],
+     [0.718185, 0.513031, 0.774504, 0.621291, 0.147993, 0.881949, 0.207032],
+     [0.715235, 0.176263, 0.569711, 0.432724, 0.305417, 0.209314, 0.062168],
+     [0.142413, 0.606104, 0.399340, 0.426138, 0.263299, 0.680788, 0.958605],
+     [0.498843, 0.553264, 0.524900, 0.469484, 0.240113, 0.640526, 0.199932]])
+RLIABLE_REF = {  # metric: (point, CI low, CI high)
+    "A": {"IQM": (0.566164, 0.4363, 0.6682), "mean": (0.528282, 0.4376, 0.6165), "median": (0.475630, 0.3844, 0.6503), "optimality gap": (0.471718, 0.3835, 0.5624)},
+    "B": {"IQM": (0.454006, 0.3489, 0.5532), "mean": (0.451043, 0.3733, 0.5292), "median": (0.412888, 0.3383, 0.5558), "optimality gap": (0.548957, 0.4708, 0.6267)},
+}
+RLIABLE_POI = (0.611429, 0.4686, 0.7486)  # P(A > B)
+
+
+def test_statistics_match_rliable_reference_values():
+    rng = np.random.default_rng(0)
+    for name, x in (("A", RLIABLE_A), ("B", RLIABLE_B)):
+        for metric, (point, lo, hi) in RLIABLE_REF[name].items():
+            est = evaluate.metric_with_ci(x, evaluate.METRICS[metric], 20_000, rng)
+            assert abs(est["value"] - point) < 1e-5, (name, metric)
+            assert abs(est["ci"][0] - lo) < 0.02 and abs(est["ci"][1] - hi) < 0.02, (name, metric, est, lo, hi)  # Monte-Carlo noise
+    poi = evaluate.improvement_with_ci(RLIABLE_A, RLIABLE_B, 20_000, rng)
+    assert abs(poi["value"] - RLIABLE_POI[0]) < 1e-5
+    assert abs(poi["ci"][0] - RLIABLE_POI[1]) < 0.02 and abs(poi["ci"][1] - RLIABLE_POI[2]) < 0.02, poi
+
+
+TINY_EVAL_FLAGS = [*TINY_FLAGS, "--steps", "2000", "--contexts", "single_0", "--context", "learned", "--integration", "deep"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dali_run(tmp_path_factory):
+    """A tiny DALI-D run on ball_in_cup single_0 (20 policy steps per episode): its checkpoint."""
+    logdir = tmp_path_factory.mktemp("dali_run")
+    train.main(train.cli([*TINY_EVAL_FLAGS, "--logdir", str(logdir)]))
+    return logdir / "ckpt.pt"
+
+
+def test_grid_evaluation_writes_one_line_per_context_and_aggregates(tiny_dali_run, tmp_path):
+    import json
+
+    out = tmp_path / "seed0.jsonl"
+    rows = evaluate.main(["run", "--checkpoint", str(tiny_dali_run), "--setting", "single_0", "--episodes", "2", "--out", str(out),
+                          "--no-progress", "--threads", "1"])  # fmt: skip
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    grid = envs.eval_contexts("ball_in_cup", "single_0")
+    assert len(lines) == len(rows) == len(grid) == 14
+    for line, (context, regime) in zip(lines, grid):
+        assert line["context"] == context and line["regime"] == regime and len(line["returns"]) == 2
+        assert line["method"] == "DALI-D" and line["task"] == "ball_in_cup" and np.isclose(line["mean"], np.mean(line["returns"]))
+    assert {line["regime"] for line in lines} == {"interpolation", "extrapolation"}
+    # a second "seed" and a second method: aggregate them (a copy stands in for another run)
+    files = []
+    for method, seed in [("A", 0), ("A", 1), ("B", 0), ("B", 1)]:
+        f = tmp_path / f"{method}{seed}.jsonl"
+        f.write_text("".join(json.dumps({**line, "method": method, "seed": seed, "returns": [r + (seed + 1) * 10 for r in line["returns"]]}) + "\n" for line in lines))
+        files.append(str(f))
+    summary = evaluate.main(["aggregate", *files, "--out", str(tmp_path / "agg"), "--reps", "200"])
+    assert (tmp_path / "agg.png").stat().st_size > 10_000 and (tmp_path / "agg.json").exists()
+    assert set(summary["metrics"]) == {"interpolation", "extrapolation", "all"} and summary["seeds"] == 2
+    assert summary["improvement"]["all"]["A > B"]["value"] == 0.5  # identical score sets
+
+
+def test_aggregate_rejects_bad_results_files(tiny_dali_run, tmp_path):
+    import json
+
+    good = tmp_path / "good.jsonl"
+    evaluate.main(["run", "--checkpoint", str(tiny_dali_run), "--setting", "single_0", "--episodes", "1", "--out", str(good), "--no-progress"])
+    lines = good.read_text().splitlines()
+
+    def write(name, rows):
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+        return str(tmp_path / name)
+
+    truncated = write("truncated.jsonl", lines[:5] + [lines[5][:40]])
+    short = write("short.jsonl", lines[:9])
+    walker_grid = envs.eval_contexts("walker", "single_0")
+    walker = write("walker.jsonl", [json.dumps({**json.loads(x), "task": "walker", "context": c, "regime": r}) for x, (c, r) in zip(lines, walker_grid)])
+    seed1 = write("seed1.jsonl", [json.dumps({**json.loads(x), "seed": 1}) for x in lines])
+    other = write("other.jsonl", [json.dumps({**json.loads(x), "method": "Dreamer-DR"}) for x in lines])
+    cases = [
+        ([str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
+        ([truncated], "truncated.jsonl line 6 is not valid JSON"),
+        ([short], "short.jsonl holds 9 contexts, the single_0 grid of ball_in_cup has 14"),
+        ([str(good), walker], "mix tasks"),
+        ([str(good), seed1, other], "unequal seed counts per method: DALI-D 2, Dreamer-DR 1"),
+        ([str(good), str(good)], "DALI-D has seed 0 twice"),
+    ]
+    for files, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main(["aggregate", *files, "--out", str(tmp_path / "x")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# counterfactual.py: probe, dreams, plausibility
+# ----------------------------------------------------------------------------------------------------
+
+import counterfactual  # noqa: E402
+
+CF_FLAGS = ["--steps", "15", "--threads", "1"]
+
+
+def test_counterfactual_sigma_positive_and_m_zero_reproduces_the_dream(tiny_dali_run):
+    args, agent, _ = train.load_agent(tiny_dali_run)
+    jobs = [(c, 7 + i) for i, (c, _) in enumerate(envs.eval_contexts("ball_in_cup", "single_0"))]
+    ep = counterfactual.record(agent, "ball_in_cup", "features", args.action_repeat, jobs, 15, "cpu")
+    ctx = counterfactual.inferred_context(agent, ep, "cpu")
+    sigma = counterfactual.ctx_sigma(ctx, 6)
+    assert (sigma > 0).all(), sigma  # windows from many contexts differ in every dimension
+    index, actions = torch.tensor([3, 5]), ep.action[[3, 5], 9:15]
+    deltas = counterfactual._deltas([0.0, 1.0, -2.0], 2, sigma, ctx.shape[-1])
+    base = counterfactual.dream(agent, ep, ctx, index, 8, 6, actions, torch.zeros(1, ctx.shape[-1]), seed=0)
+    shifted = counterfactual.dream(agent, ep, ctx, index, 8, 6, actions, deltas, seed=0)
+    assert shifted.shape == (3, 2, 7, 8)
+    assert torch.equal(shifted[0], base[0])  # m = 0: the unperturbed dream, exactly
+    for m in (1, 2):
+        assert not torch.allclose(shifted[m], base[0], atol=1e-4)
+
+
+def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path):
+    table = counterfactual.main(["probe", "--checkpoint", str(tiny_dali_run), "--out", str(tmp_path / "probe.json"), *CF_FLAGS])
+    assert table["features"] == ["gravity", "distance"] and "gravity" in table["best_dim"] and table["r2_linear"]["distance"] is None
+    assert len(table["corr"]) == 8 and len(table["sigma"]) == 8
+    out = counterfactual.main(["dream", "--checkpoint", str(tiny_dali_run), "--start", "8", "--horizon", "6", "--shifts", "-1", "0", "1",
+                               "--out", str(tmp_path / "dream"), *CF_FLAGS])  # fmt: skip
+    assert out["decoded"].shape == (3, 7, 8) and (tmp_path / "dream.png").stat().st_size > 10_000
+    res = counterfactual.main(["plausibility", "--checkpoint", str(tiny_dali_run), "--start", "8", "--horizon", "6", "--starts", "3",
+                               "--out", str(tmp_path / "p.json"), *CF_FLAGS])  # fmt: skip
+    assert len(res["imagined_acceleration"]) == len(res["real_acceleration"]) == 5
+    assert np.all(np.diff(res["gravity"]) != 0) and -1 <= res["rank_corr_imagined"] <= 1
+    with pytest.raises(SystemExit, match="needs --context learned"):
+        none_run = tmp_path / "none"
+        train.main(train.cli([*TINY_FLAGS, "--steps", "1000", "--context", "none", "--logdir", str(none_run)]))
+        counterfactual.main(["probe", "--checkpoint", str(none_run / "ckpt.pt"), *CF_FLAGS])
+    with pytest.raises(SystemExit, match="'friction' is not a context feature of ball_in_cup"):
+        counterfactual.main(["dream", "--checkpoint", str(tiny_dali_run), "--feature", "friction", "--start", "8", "--horizon", "6", *CF_FLAGS])

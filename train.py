@@ -34,6 +34,7 @@ from tqdm import tqdm
 import envs
 from context_encoder import ContextEncoderConfig
 from dali import Agent, AgentConfig, Spaces
+from evaluate import episode_returns
 from rssm import RSSMConfig
 
 CHECKPOINT_VERSION = 1
@@ -221,6 +222,17 @@ def build_agent(args: Args, env: envs.ContextualDMC, device: str | torch.device 
     return Agent(args.agent, args.rssm, spaces, args.ctx).to(device)
 
 
+def load_agent(path: Path, device: str | torch.device = "cpu") -> tuple[Args, Agent, dict]:
+    """The saved args, the trained agent (eval mode) and the raw checkpoint of a train.py run."""
+    ckpt = load_checkpoint(path)
+    args = args_from_dict(ckpt["args"])
+    env = envs.make_env(args.task, args.obs, [envs.default_context(args.task)], 0, args.action_repeat)
+    agent = build_agent(args, env, device)
+    agent.load_state_dict(ckpt["agent"])
+    env.close()
+    return args, agent.eval(), ckpt
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
@@ -246,21 +258,6 @@ def check_args(args: Args) -> None:
 
 def to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-
-
-def evaluate_policy(agent: Agent, args: Args, contexts: list[dict], seed: int, device) -> list[float]:
-    """Returns of one episode per eval env, acting with the current policy (no learning)."""
-    vec = envs.VectorEnv([envs.make_env(args.task, args.obs, contexts, seed + i, args.action_repeat) for i in range(args.eval_episodes)])
-    obs, _ = vec.reset()
-    state = agent.initial_state(vec.num_envs)
-    returns, done = np.zeros(vec.num_envs), np.zeros(vec.num_envs, bool)
-    while not done.all():
-        action, state = agent.act(to_torch(obs, device), state, sample=args.eval_mode == "sample")
-        obs, reward, term, trunc, _ = vec.step(action.cpu().numpy())
-        returns += reward * ~done
-        done |= term | trunc
-    vec.close()
-    return returns.tolist()
 
 
 class Logger:
@@ -401,7 +398,8 @@ def main(args: Args) -> dict:
         # Evaluate, log, checkpoint
         if args.eval_every and c["env_steps"] - c["last_eval"] >= args.eval_every and c["env_steps"] >= args.prefill:
             c["last_eval"] = c["env_steps"]
-            returns = evaluate_policy(agent, args, contexts, args.seed + 10_000, device)
+            jobs = [(contexts[(c["episodes"] + i) % len(contexts)], args.seed + 10_000 + c["episodes"] + i) for i in range(args.eval_episodes)]
+            returns = episode_returns(agent, args.task, args.obs, args.action_repeat, jobs, device, args.eval_mode == "sample", args.eval_episodes)
             logger.add({"eval/return": float(np.mean(returns))})
         if c["env_steps"] - c["last_log"] >= args.log_every:
             now = time.time()

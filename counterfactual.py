@@ -1,0 +1,461 @@
+"""What the learned context means: probes, counterfactual dreams and their physical plausibility
+(DALI, Röder et al., arXiv:2508.20294, Sec. 6.3, "counterfactual consistency").
+
+    python counterfactual.py probe --checkpoint RUN/ckpt.pt                  # which ctx dim encodes gravity?
+    python counterfactual.py dream --checkpoint RUN/ckpt.pt --shifts -2 0 2  # imagine with that dim shifted
+    python counterfactual.py plausibility --checkpoint RUN/ckpt.pt           # does the shift act like gravity?
+
+Every subcommand first records policy episodes in the contexts of an evaluation grid and infers ctx_t at
+every step exactly as when acting (the window of the current episode's transitions before t).
+
+A counterfactual replaces ctx by ctx + m sigma_d e_d: dimension d shifted by m standard deviations, sigma_d
+being the std of dimension d over many windows from many contexts. It is applied wherever the agent reads
+ctx: in the posterior while filtering the real prefix (both integrations) and, with deep integration, in
+the sequence model, heads and decoder at every imagined step. A shallow (DALI-S) agent reads ctx only in
+the posterior, so there the shift acts only through the filtered start state; the paper's counterfactual
+analysis uses the deep variant. Every rollout of a comparison uses the same random numbers, so m = 0
+reproduces the unperturbed dream exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import numpy as np
+import torch
+import tyro
+
+import envs
+from dali import Agent
+from rssm import symexp
+
+MIN_GRAVITY = 0.1  # m/s^2: a read-out below this (or negative) is run at this gravity in the real env
+BALL_Z_VELOCITY = 7  # ball_in_cup features: qpos (cup x, cup z, ball x, ball z), then qvel in that order
+
+# ----------------------------------------------------------------------------------------------------
+# Recording episodes and their inferred contexts
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Episodes:
+    """Policy episodes, (E, T, ...) in the replay convention of dali.py (record t: o_t, a_{t-1})."""
+
+    x: torch.Tensor  # (E, T, O) features, or (E, T, 64, 64, 3) uint8 images
+    action: torch.Tensor  # (E, T, A): a_{t-1}, zeros at t = 0
+    is_first: torch.Tensor  # (E, T) bool
+    true_context: np.ndarray  # (E, X) normalised true context
+    contexts: list[dict]  # (E,) the true context of each episode
+    physics: np.ndarray  # (E, T, P) MuJoCo state (qpos, qvel, act) at each step
+
+
+def record(agent: Agent, task: str, obs: str, action_repeat: int, jobs: list[tuple[dict, int]], steps: int, device) -> Episodes:
+    """The first `steps` policy steps of one episode per (context, seed) job, actions sampled from the policy."""
+    vec = envs.VectorEnv([envs.make_env(task, obs, [c], seed, action_repeat) for c, seed in jobs])
+    o, info = vec.reset()
+    key = "obs" if obs == "features" else "image"
+    state = agent.initial_state(vec.num_envs)
+    xs, actions, physics = [], [torch.zeros(vec.num_envs, vec.action_size)], []
+    for t in range(steps):
+        xs.append(torch.as_tensor(o[key]))
+        physics.append(np.stack([env.physics.get_state() for env in vec.envs]))
+        action, state = agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state)
+        if t < steps - 1:
+            actions.append(action.cpu())
+            o, *_ = vec.step(action.cpu().numpy())
+    vec.close()
+    is_first = torch.zeros(vec.num_envs, steps, dtype=torch.bool)
+    is_first[:, 0] = True
+    true = np.stack([envs.normalize_context(task, c) for c, _ in jobs])
+    return Episodes(torch.stack(xs, 1), torch.stack(actions, 1), is_first, true, [c for c, _ in jobs], np.stack(physics, 1))
+
+
+@torch.no_grad()
+def inferred_context(agent: Agent, ep: Episodes, device) -> torch.Tensor:
+    """ctx_t at every step, as when acting (a test asserts the two agree): (E, T, X)."""
+    x = ep.x.to(device)
+    tokens = x.float() if agent.spaces.image is None else agent.encoder(x)
+    ctx, _ = agent.ctx_encoder.segment(tokens, ep.action.to(device), ep.is_first.to(device))
+    return ctx
+
+
+def ctx_sigma(ctx: torch.Tensor, start: int) -> torch.Tensor:
+    """sigma_d: the std of each ctx dimension over all windows (steps >= start) of all episodes: (X,)."""
+    return ctx[:, start:].flatten(0, 1).std(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Probes
+# ----------------------------------------------------------------------------------------------------
+
+
+def linear_r2(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
+    """R^2 on held-out data of a least-squares linear probe (with bias) from x (N, D) to each column of y."""
+    fit = lambda x: np.concatenate([x, np.ones((len(x), 1))], 1)  # noqa: E731
+    w = np.linalg.lstsq(fit(x_train), y_train, rcond=None)[0]
+    pred = fit(x_test) @ w
+    total = ((y_test - y_test.mean(0)) ** 2).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # nan for a column that does not vary
+        return np.where(total > 0, 1 - ((pred - y_test) ** 2).sum(0) / total, np.nan)
+
+
+def probe_table(ctx: np.ndarray, true: np.ndarray, held_out: np.ndarray, names: list[str]) -> dict:
+    """Correlation of every ctx dim with every true feature and the held-out linear-probe R^2 of each feature.
+    ctx (E, P, X) at P probe steps per episode, true (E, F), held_out (E,) bool: episodes of test contexts."""
+    X, F = ctx.shape[-1], true.shape[-1]
+    y = np.repeat(true[:, None], ctx.shape[1], 1)  # (E, P, F)
+    corr, best = correlations(ctx, true, names)
+    train, test = ~held_out, held_out
+    r2 = linear_r2(ctx[train].reshape(-1, X), y[train].reshape(-1, F), ctx[test].reshape(-1, X), y[test].reshape(-1, F))
+    nan_to_none = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731  (JSON has no nan)
+    return {"features": names, "corr": [nan_to_none(row) for row in corr], "r2_linear": dict(zip(names, nan_to_none(r2))), "best_dim": best}
+
+
+def correlations(ctx: np.ndarray, true: np.ndarray, names: list[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """Pearson correlation (X, F) of ctx (E, P, X) with the true context (E, F) over all windows, and for every
+    feature that varies, the dimension with the largest |correlation|."""
+    X = ctx.shape[-1]
+    y = np.repeat(true[:, None], ctx.shape[1], 1).reshape(-1, true.shape[-1])
+    with np.errstate(invalid="ignore", divide="ignore"):  # a constant feature has no correlation (nan)
+        corr = np.corrcoef(ctx.reshape(-1, X).T, y.T)[:X, X:]
+    best = {n: int(np.nanargmax(np.abs(corr[:, f]))) for f, n in enumerate(names) if true[:, f].std() > 0}
+    return corr, best
+
+
+# ----------------------------------------------------------------------------------------------------
+# Counterfactual dreams
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def dream(agent: Agent, ep: Episodes, ctx: torch.Tensor, index: torch.Tensor, start: int, horizon: int, actions: torch.Tensor,
+          deltas: torch.Tensor, seed: int) -> torch.Tensor:  # fmt: skip
+    """For every ctx change in `deltas` (M, X): filter episodes `index` (N,) up to step `start` with ctx + delta,
+    then imagine `horizon` steps with `actions` (N, H, A) (a_t for t = start .. start+H-1), with ctx + delta
+    in the sequence model and heads in deep mode. Every delta reuses the same random numbers (seed), so a
+    zero delta reproduces the unperturbed dream exactly.
+    Returns the decoded observations (M, N, H + 1, ...): features in env units, or images in [0, 1]."""
+    return torch.stack([_dream_one(agent, ep, ctx, index, start, horizon, actions, delta, seed) for delta in deltas])
+
+
+def _dream_one(agent: Agent, ep: Episodes, ctx, index, start, horizon, actions, delta, seed) -> torch.Tensor:
+    torch.manual_seed(seed)  # common random numbers across counterfactuals
+    rssm, device = agent.rssm, ctx.device
+    x = ep.x[index, : start + 1].to(device)
+    shifted = ctx[index, : start + 1] + delta  # (N, start+1, X)
+    embed = agent.encoder(x.float() if agent.spaces.image is None else x)
+    deep, post_ctx = agent.ctx_deep > 0, agent.ctx_post > 0
+    post, _ = rssm.observe(embed, ep.action[index, : start + 1].to(device), ep.is_first[index, : start + 1].to(device),
+                           ctx_seq=shifted if deep else None, ctx_post=shifted if post_ctx else None)  # fmt: skip
+    state = {k: v[:, -1] for k, v in post.items()}
+    step_ctx = shifted[:, -1] if deep else None
+    feats = [agent._with_ctx(rssm.feat(state), step_ctx)]
+    for t in range(horizon):
+        state = rssm.img_step(state, actions[:, t].to(device), step_ctx)
+        feats.append(agent._with_ctx(rssm.feat(state), step_ctx))
+    feat = torch.stack(feats, 1)  # (N, H+1, F)
+    decoder = agent.decoder
+    if agent.spaces.image is None:
+        return symexp(decoder.net(feat)[..., : agent.spaces.obs])
+    N, L = feat.shape[:2]
+    img = decoder.net(decoder.inp(feat).reshape(N * L, -1, decoder.minres, decoder.minres))
+    return (img.permute(0, 2, 3, 1).reshape(N, L, *agent.spaces.image) + 0.5).clamp(0, 1)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation (no ties expected between continuous values)."""
+    rank = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731
+    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
+def true_ball_acceleration(task: str, context: dict, physics_state: np.ndarray, actions: np.ndarray, action_repeat: int) -> float:
+    """Mean vertical acceleration of the ball (m/s^2) in the real env, started from `physics_state` in
+    `context` and driven by `actions` (H, A)."""
+    env = envs.make_env(task, "features", [context], 0, action_repeat)
+    env.reset()
+    env.physics.set_state(physics_state)
+    env.physics.forward()
+    v = [env.physics.data.qvel[3]]
+    for a in actions:
+        env.step(a)
+        v.append(env.physics.data.qvel[3])
+    env.close()
+    return float(np.diff(v).mean() / (env.control_timestep * action_repeat))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the agent and its episodes come from."""
+
+    checkpoint: str
+    """A train.py checkpoint of a learned-context agent (--context learned)."""
+    setting: str = ""
+    """Contexts to record: this setting's evaluation grid (default: the run's training setting)."""
+    episodes: int = 2
+    """Episodes per context."""
+    steps: int = 150
+    """Policy steps recorded per episode."""
+    seed: int = 200_000
+    """Reset seed of the recorded episodes and of the dreams' random numbers."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available."""
+    threads: int = 0
+    """torch CPU threads (0: one per core)."""
+
+
+@dataclass(frozen=True)
+class Probe(Source):
+    """Which ctx dimension encodes which physical factor? Correlation of every dimension with every true
+    context feature, and the held-out R^2 of a linear probe from ctx (test contexts: every other one)."""
+
+    out: str = ""
+    """Output JSON (default: probe.json next to the checkpoint)."""
+
+
+@dataclass(frozen=True)
+class Dream(Source):
+    """What does the world model imagine if dimension d of ctx were shifted by m sigma_d? Plots the decoded
+    features (or a GIF of decoded frames) of the original and the counterfactual rollouts side by side."""
+
+    feature: str = "gravity"
+    """The factor whose best-correlated dimension is shifted (ignored when --dim is given)."""
+    dim: int = -1
+    """ctx dimension to shift (-1: the one that best encodes --feature)."""
+    shifts: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
+    """Shifts m, in units of sigma_d."""
+    horizon: int = 50
+    """Imagined steps H."""
+    start: int = 100
+    """Real steps filtered before imagining (>= the window K gives a full context window)."""
+    actions: Literal["recorded", "zero"] = "recorded"
+    """Actions during imagination: the ones the policy took in reality, or zeros."""
+    context_index: int = 0
+    """Which recorded episode to start from (an index into the grid x episodes)."""
+    out: str = ""
+    """Output prefix (default: dream next to the checkpoint): writes PREFIX.png (+ PREFIX.gif for pixels)."""
+
+
+@dataclass(frozen=True)
+class Plausibility(Source):
+    """Does shifting the gravity dimension change imagined physics the way gravity does? For ball_in_cup:
+    the ball's mean vertical acceleration in decoded dreams vs m, next to the real env run from the same
+    states at the gravity a linear probe reads from the shifted ctx; and their rank correlations with that
+    gravity (both should be negative: more gravity, faster downward acceleration)."""
+
+    shifts: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
+    """Shifts m, in units of sigma_d."""
+    horizon: int = 15
+    """Imagined steps H."""
+    start: int = 100
+    """Real steps filtered before imagining."""
+    starts: int = 8
+    """Start states (episodes) averaged over."""
+    actions: Literal["recorded", "zero"] = "recorded"
+    """Actions during imagination and in the real env."""
+    out: str = ""
+    """Output JSON (default: plausibility.json next to the checkpoint)."""
+
+
+def load(src: Source) -> tuple:
+    """Agent, saved args, device, recorded episodes, their inferred ctx and the probe steps."""
+    import train  # here: train.py imports evaluate.py, which this module does not need at import time
+
+    if src.threads:
+        torch.set_num_threads(src.threads)
+    device = torch.device("cuda" if src.device == "auto" and torch.cuda.is_available() else ("cpu" if src.device == "auto" else src.device))
+    args, agent, _ = train.load_agent(Path(src.checkpoint), device)
+    if args.agent.context != "learned":
+        raise SystemExit(f"error: {src.checkpoint} is a --context {args.agent.context} agent; counterfactual.py needs --context learned")
+    setting = src.setting or args.contexts
+    if setting not in ("single_0", "single_1", "double_box"):
+        raise SystemExit(f"error: setting {setting!r} does not vary the context; pass --setting single_0, single_1 or double_box")
+    if src.steps < 2 or src.episodes < 1:
+        raise SystemExit(f"error: --steps {src.steps} (>= 2) and --episodes {src.episodes} (>= 1)")
+    grid = envs.eval_contexts(args.task, setting)
+    jobs = [(c, src.seed + i * src.episodes + e) for i, (c, _) in enumerate(grid) for e in range(src.episodes)]
+    ep = record(agent, args.task, args.obs, args.action_repeat, jobs, src.steps, device)
+    ctx = inferred_context(agent, ep, device)
+    first = min(args.ctx.window, src.steps // 2)  # probe steps: full windows where the episode allows
+    return agent, args, device, ep, ctx, first
+
+
+def out_path(src: Source, given: str, name: str) -> Path:
+    return Path(given) if given else Path(src.checkpoint).parent / name
+
+
+def probe_main(cmd: Probe) -> dict:
+    agent, args, _, ep, ctx, first = load(cmd)
+    names = list(envs.task_features(args.task))
+    probe_steps = ctx[:, first :: max(1, (cmd.steps - first) // 16)].cpu().numpy()  # (E, P, X), ~16 per episode
+    held_out = (np.arange(len(ep.contexts)) // cmd.episodes) % 2 == 1  # every other context is held out
+    table = probe_table(probe_steps, ep.true_context, held_out, names)
+    table["sigma"] = ctx_sigma(ctx, first).tolist()
+    X = ctx.shape[-1]
+    print(f"{'dim':>4} " + " ".join(f"corr({n})".rjust(22) for n in names))
+    for d in range(X):
+        print(f"{d:>4} " + " ".join(f"{table['corr'][d][f] or float('nan'):22.3f}" for f in range(len(names))))
+    print("held-out linear probe R^2: " + ", ".join(f"{n} {v:.3f}" for n, v in table["r2_linear"].items() if v is not None))
+    print("best dimension: " + ", ".join(f"{n} -> ctx[{d}]" for n, d in table["best_dim"].items()))
+    path = out_path(cmd, cmd.out, "probe.json")
+    path.write_text(json.dumps(table, indent=1))
+    print(f"wrote {path}")
+    return table
+
+
+def _shift_setup(cmd, args, ep, ctx, first, feature: str, dim: int):
+    """The dimension to shift (by correlation over all recorded windows) and sigma."""
+    names = list(envs.task_features(args.task))
+    if feature not in names:
+        raise SystemExit(f"error: --feature {feature!r} is not a context feature of {args.task}; choose one of {names}")
+    _, best = correlations(ctx[:, first:].cpu().numpy(), ep.true_context, names)
+    if dim < 0:
+        if feature not in best:
+            raise SystemExit(f"error: {feature!r} does not vary in the recorded setting; choose one of {list(best)}")
+        dim = best[feature]
+    if not 0 <= dim < ctx.shape[-1]:
+        raise SystemExit(f"error: --dim {dim} outside the {ctx.shape[-1]} ctx dimensions")
+    sigma = ctx_sigma(ctx, first)
+    if cmd.start >= cmd.steps or cmd.start < 1:
+        raise SystemExit(f"error: --start {cmd.start} must lie in [1, --steps {cmd.steps})")
+    if cmd.start + cmd.horizon > cmd.steps and cmd.actions == "recorded":
+        raise SystemExit(f"error: --start {cmd.start} + --horizon {cmd.horizon} exceeds the {cmd.steps} recorded steps (raise --steps)")
+    return dim, sigma
+
+
+def _deltas(shifts, dim: int, sigma: torch.Tensor, X: int) -> torch.Tensor:
+    """(M, X): m sigma_d on dimension d, zero elsewhere, one row per shift m."""
+    deltas = torch.zeros(len(shifts), X, device=sigma.device)
+    deltas[:, dim] = torch.tensor(shifts, device=sigma.device) * sigma[dim]
+    return deltas
+
+
+def _actions(cmd, ep: Episodes, index: torch.Tensor) -> torch.Tensor:
+    """(N, H, A): a_t for t = start .. start + H - 1 (stored at t + 1), or zeros."""
+    if cmd.actions == "zero":
+        return torch.zeros(len(index), cmd.horizon, ep.action.shape[-1])
+    return ep.action[index, cmd.start + 1 : cmd.start + 1 + cmd.horizon]
+
+
+def dream_main(cmd: Dream) -> dict:
+    agent, args, device, ep, ctx, first = load(cmd)
+    dim, sigma = _shift_setup(cmd, args, ep, ctx, first, cmd.feature, cmd.dim)
+    if not 0 <= cmd.context_index < len(ep.contexts):
+        raise SystemExit(f"error: --context-index {cmd.context_index} outside the {len(ep.contexts)} recorded episodes")
+    index = torch.tensor([cmd.context_index])
+    deltas = _deltas(cmd.shifts, dim, sigma, ctx.shape[-1])
+    decoded = dream(agent, ep, ctx, index, cmd.start, cmd.horizon, _actions(cmd, ep, index), deltas, cmd.seed)[:, 0].cpu().numpy()
+    prefix = out_path(cmd, cmd.out, "dream")
+    real = ep.x[cmd.context_index, cmd.start : cmd.start + cmd.horizon + 1].numpy()
+    title = f"{args.task} {ep.contexts[cmd.context_index]}: ctx[{dim}] + m sigma ({cmd.actions} actions)"
+    if agent.spaces.image is None:
+        plot_features(decoded, real, cmd.shifts, title, str(prefix) + ".png")
+    else:
+        save_gif(decoded, real, str(prefix) + ".gif")
+    print(f"shifted ctx[{dim}] (sigma {sigma[dim]:.3f}) by m in {list(cmd.shifts)}; wrote {prefix}.{'png' if agent.spaces.image is None else 'gif'}")
+    return {"dim": dim, "sigma": float(sigma[dim]), "decoded": decoded}
+
+
+def plot_features(decoded: np.ndarray, real: np.ndarray, shifts, title: str, path: str) -> None:
+    """One panel per observation feature: the real continuation and the dream for every shift m."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    O = decoded.shape[-1]
+    cols = min(4, O)
+    fig, axes = plt.subplots((O + cols - 1) // cols, cols, figsize=(3.2 * cols, 2.4 * ((O + cols - 1) // cols)), squeeze=False)
+    colors = plt.cm.coolwarm(np.linspace(0, 1, len(shifts)))
+    for i, ax in enumerate(axes.flat):
+        if i >= O:
+            ax.axis("off")
+            continue
+        ax.plot(real[:, i], color="k", lw=2, label="real")
+        for m, c, d in zip(shifts, colors, decoded):
+            ax.plot(d[:, i], color=c, lw=1, ls="-" if m else "--", label=f"m = {m:g}")
+        ax.set_title(f"obs[{i}]", fontsize=9)
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.supxlabel("imagined step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_gif(decoded: np.ndarray, real: np.ndarray, path: str) -> None:
+    """Frames: the real continuation, then each counterfactual, side by side. decoded (M, L, H, W, 3) in [0, 1]."""
+    from PIL import Image
+
+    frames = []
+    for t in range(decoded.shape[1]):
+        row = [real[min(t, len(real) - 1)]] + [(d[t] * 255).astype(np.uint8) for d in decoded]
+        frames.append(Image.fromarray(np.concatenate(row, 1)).resize((64 * len(row) * 2, 128), Image.NEAREST))
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
+
+
+def plausibility_main(cmd: Plausibility) -> dict:
+    agent, args, device, ep, ctx, first = load(cmd)
+    if args.task != "ball_in_cup" or args.obs != "features":
+        raise SystemExit(f"error: plausibility measures the ball's acceleration: it needs ball_in_cup with features, not {args.task} {args.obs}")
+    dim, sigma = _shift_setup(cmd, args, ep, ctx, first, "gravity", -1)
+    # A linear read-out of gravity from ctx (fitted on every recorded window) maps each shifted ctx to the
+    # gravity the shift stands for: the real env is then run at that gravity.
+    X, probe_x = ctx.shape[-1], ctx[:, first:].cpu().numpy()
+    gravity_true = np.asarray([c["gravity"] for c in ep.contexts])
+    fit = lambda x: np.concatenate([x, np.ones((len(x), 1))], 1)  # noqa: E731
+    w = np.linalg.lstsq(fit(probe_x.reshape(-1, X)), np.repeat(gravity_true, probe_x.shape[1]), rcond=None)[0]
+    rng = np.random.default_rng(cmd.seed)
+    chosen = torch.as_tensor(rng.choice(len(ep.contexts), size=min(cmd.starts, len(ep.contexts)), replace=False))
+    M, N = len(cmd.shifts), len(chosen)
+    deltas = _deltas(cmd.shifts, dim, sigma, X)
+    actions = _actions(cmd, ep, chosen)
+    decoded = dream(agent, ep, ctx, chosen, cmd.start, cmd.horizon, actions, deltas, cmd.seed).cpu().numpy()  # (M, N, H+1, O)
+    dt = envs.make_env(args.task).control_timestep * args.action_repeat
+    imagined = np.diff(decoded[..., BALL_Z_VELOCITY], axis=-1).mean(-1) / dt  # (M, N)
+    start_ctx = (ctx[chosen, cmd.start][None] + deltas[:, None]).cpu().numpy()  # (M, N, X)
+    gravity = np.clip(fit(start_ctx.reshape(M * N, X)) @ w, MIN_GRAVITY, None).reshape(M, N)  # the gravity each shifted ctx reads as
+    real = np.zeros((M, N))
+    for m in range(M):
+        for n, e in enumerate(chosen.tolist()):
+            context = {**ep.contexts[e], "gravity": float(gravity[m, n])}
+            real[m, n] = true_ball_acceleration(args.task, context, ep.physics[e, cmd.start], actions[n].numpy(), args.action_repeat)
+    g_mean, a_imag, a_real = gravity.mean(1), imagined.mean(1), real.mean(1)
+    result = {
+        "dim": dim, "sigma": float(sigma[dim]), "shifts": list(cmd.shifts), "gravity": g_mean.tolist(),
+        "imagined_acceleration": a_imag.tolist(), "real_acceleration": a_real.tolist(),
+        "rank_corr_imagined": spearman(g_mean, a_imag), "rank_corr_real": spearman(g_mean, a_real),
+    }  # fmt: skip
+    print(f"ctx[{dim}] shifted by m sigma (sigma {sigma[dim]:.3f}); ball vertical acceleration (m/s^2), mean of {N} start states")
+    print(f"{'m':>6} {'gravity read':>13} {'imagined':>10} {'real env':>10}")
+    for m, g, ai, ar in zip(cmd.shifts, g_mean, a_imag, a_real):
+        print(f"{m:>6g} {g:>13.2f} {ai:>10.2f} {ar:>10.2f}")
+    print(f"rank correlation with gravity: imagined {result['rank_corr_imagined']:.2f}, real env {result['rank_corr_real']:.2f} (plausible: both < 0)")
+    path = out_path(cmd, cmd.out, "plausibility.json")
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return result
+
+
+Command = Union[
+    Annotated[Probe, tyro.conf.subcommand("probe")],
+    Annotated[Dream, tyro.conf.subcommand("dream")],
+    Annotated[Plausibility, tyro.conf.subcommand("plausibility")],
+]
+
+
+def main(argv: list[str] | None = None):
+    cmd = tyro.cli(Command, args=argv, description=__doc__)
+    return {Probe: probe_main, Dream: dream_main, Plausibility: plausibility_main}[type(cmd)](cmd)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,421 @@
+"""Zero-shot evaluation on unseen contexts and its statistics (DALI, Röder et al., arXiv:2508.20294, Sec. 6;
+the statistics of Agarwal et al. 2021, "Deep RL at the edge of the statistical precipice", as in rliable).
+
+    python evaluate.py run --checkpoint runs/x/ckpt.pt --setting double_box --episodes 10
+    python evaluate.py aggregate runs/*/zeroshot_single_0.jsonl --out zeroshot
+
+`run` evaluates a trained agent on every context of a setting's evaluation grid (contexts.eval_contexts).
+Each episode starts from a fresh latent state and an empty context window, so the agent infers the context
+from scratch; nothing is learned between episodes. It writes one JSON line per context.
+
+`aggregate` reads such files (methods x seeds). A score is a return normalised by the task's maximum
+(1000 for DMC) or by random / expert reference returns; the score of (seed, context) is its mean over
+episodes. Per regime (interpolation, extrapolation, mixed, and all contexts), with the M seeds as runs and
+the regime's contexts as tasks, scores x of shape (M, tasks):
+
+    IQM                  25%-trimmed mean of all M * tasks scores (the middle 50%)
+    mean                 mean of all scores
+    median               median over tasks of the per-task mean over runs
+    optimality gap       mean over all scores of max(0, 1 - x)
+    95% CIs              percentile intervals of a stratified bootstrap: every task's M runs are resampled
+                         with replacement, independently per task
+    P(X > Y)             probability of improvement: per task, P(x > y) + P(x = y) / 2 over all pairs of
+                         runs (the Mann-Whitney U statistic / (M_X M_Y)), averaged over tasks; its CI
+                         resamples X's and Y's runs independently
+
+and draws the paper's figure: IQM bars with CIs per regime and a probability-of-improvement panel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+import envs
+from dali import Agent
+
+MAX_RETURN = 1000.0  # DMC rewards are in [0, 1] per control step over 1000-step episodes
+REGIMES = ("interpolation", "extrapolation", "mixed", "all")
+
+# ----------------------------------------------------------------------------------------------------
+# Acting: episodes in fixed contexts
+# ----------------------------------------------------------------------------------------------------
+
+
+def episode_returns(
+    agent: Agent,
+    task: str,
+    obs: str,
+    action_repeat: int,
+    jobs: list[tuple[dict, int]],
+    device: torch.device | str = "cpu",
+    sample: bool = True,
+    batch: int = 8,
+    progress: tqdm | None = None,
+) -> list[float]:
+    """Return of one episode per (context, reset seed) job, `batch` envs acting in lockstep with the
+    current policy (no learning). Every episode starts with a fresh agent state."""
+    returns: list[float] = []
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start : start + batch]
+        vec = envs.VectorEnv([envs.make_env(task, obs, [context], seed, action_repeat) for context, seed in chunk])
+        o, _ = vec.reset()
+        state = agent.initial_state(vec.num_envs)
+        total, done = np.zeros(vec.num_envs), np.zeros(vec.num_envs, bool)
+        while not done.all():  # the VectorEnv auto-resets finished envs; their later rewards are ignored
+            action, state = agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state, sample=sample)
+            o, reward, term, trunc, _ = vec.step(action.cpu().numpy())
+            total += reward * ~done
+            done |= term | trunc
+        vec.close()
+        returns += total.tolist()
+        if progress is not None:
+            progress.update(len(chunk))
+    return returns
+
+
+def method_name(context: str, integration: str, cross_weight: float = 0.0) -> str:
+    """The paper's name of a variant: Dreamer-DR, cRSSM-S/D, DALI-S/D (+chi with the cross-modal loss)."""
+    if context == "none":
+        return "Dreamer-DR"
+    name = {"oracle": "cRSSM", "learned": "DALI"}[context] + "-" + integration[0].upper()
+    return name + ("-chi" if context == "learned" and cross_weight else "")
+
+
+def evaluate_grid(
+    agent: Agent,
+    task: str,
+    obs: str,
+    action_repeat: int,
+    setting: str,
+    episodes: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    sample: bool = True,
+    batch: int = 8,
+    progress: bool = False,
+) -> list[dict]:
+    """Every context of `setting`'s grid, `episodes` episodes each: one dict per context with the context,
+    its regime, the returns, their mean and std. Reset seeds are seed + job index (the same for every agent)."""
+    grid = envs.eval_contexts(task, setting)
+    jobs = [(context, seed + i * episodes + e) for i, (context, _) in enumerate(grid) for e in range(episodes)]
+    bar = tqdm(total=len(jobs), unit="episode", desc=f"{task} {setting}", disable=not progress, dynamic_ncols=True)
+    returns = np.asarray(episode_returns(agent, task, obs, action_repeat, jobs, device, sample, batch, bar)).reshape(len(grid), episodes)
+    bar.close()
+    return [
+        {"context": context, "regime": reg, "returns": r.tolist(), "mean": float(r.mean()), "std": float(r.std())}
+        for (context, reg), r in zip(grid, returns)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics (rliable's definitions). Scores x: (runs M, tasks N).
+# ----------------------------------------------------------------------------------------------------
+
+
+def iqm(x: np.ndarray) -> np.ndarray:
+    """Interquartile mean over the last two axes (..., M, N): the 25%-trimmed mean of all M * N scores
+    (scipy.stats.trim_mean(x, 0.25, axis=None): int(0.25 n) scores cut from each end)."""
+    flat = np.sort(x.reshape(*x.shape[:-2], -1), -1)
+    cut = int(0.25 * flat.shape[-1])
+    return flat[..., cut : flat.shape[-1] - cut].mean(-1)
+
+
+def mean(x: np.ndarray) -> np.ndarray:
+    return x.mean((-2, -1))
+
+
+def median(x: np.ndarray) -> np.ndarray:
+    """Median over tasks of the mean over runs."""
+    return np.median(x.mean(-2), -1)
+
+
+def optimality_gap(x: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """How far the scores fall short of gamma: gamma - mean(min(x, gamma))."""
+    return gamma - np.minimum(x, gamma).mean((-2, -1))
+
+
+METRICS = {"IQM": iqm, "mean": mean, "median": median, "optimality gap": optimality_gap}
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """P(X > Y): x (..., M, N), y (..., L, N) -> (...). Per task, the fraction of run pairs where x beats y,
+    ties counting half; then the mean over tasks."""
+    xi, yj = x[..., :, None, :], y[..., None, :, :]  # (..., M, 1, N), (..., 1, L, N)
+    per_task = ((xi > yj) + 0.5 * (xi == yj)).mean((-3, -2))  # (..., N)
+    return per_task.mean(-1)
+
+
+def bootstrap(x: np.ndarray, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """Stratified bootstrap samples (reps, M, N): each task's runs resampled with replacement."""
+    M, N = x.shape
+    idx = rng.integers(0, M, size=(reps, M, N))
+    return x[idx, np.arange(N)]
+
+
+def interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile confidence interval of bootstrap statistics."""
+    lo, hi = np.percentile(samples, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return float(lo), float(hi)
+
+
+def metric_with_ci(x: np.ndarray, metric, reps: int, rng: np.random.Generator, confidence: float = 0.95) -> dict:
+    """{"value", "ci": [lo, hi]} of an aggregate metric of scores x (M, N)."""
+    return {"value": float(metric(x)), "ci": list(interval(metric(bootstrap(x, reps, rng)), confidence))}
+
+
+def improvement_with_ci(x: np.ndarray, y: np.ndarray, reps: int, rng: np.random.Generator, confidence: float = 0.95) -> dict:
+    """{"value", "ci"} of P(X > Y), resampling X's and Y's runs independently (stratified by task)."""
+    samples = probability_of_improvement(bootstrap(x, reps, rng), bootstrap(y, reps, rng))
+    return {"value": float(probability_of_improvement(x, y)), "ci": list(interval(samples, confidence))}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Results files
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One results file: one agent (method, seed) on every context of a grid."""
+
+    path: str
+    task: str
+    setting: str
+    method: str
+    seed: int
+    regimes: list[str]  # per context, in grid order
+    returns: np.ndarray  # (contexts, episodes)
+
+
+def read_results(path: str) -> RunResult:
+    """Read and check a `run` output file: complete, one task and setting, the grid's contexts in order."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: results file {path} does not exist")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise SystemExit(f"error: {path} line {n} is not valid JSON (a truncated or corrupt results file?)") from None
+    if not rows:
+        raise SystemExit(f"error: results file {path} is empty")
+    keys = {"task", "setting", "method", "seed", "context", "regime", "returns"}
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not keys <= row.keys():
+            raise SystemExit(f"error: {path} line {n} lacks the fields {sorted(keys - set(row) if isinstance(row, dict) else keys)}")
+    head = rows[0]
+    for field in ("task", "setting", "method", "seed"):
+        values = {row[field] for row in rows}
+        if len(values) > 1:
+            raise SystemExit(f"error: {path} mixes {field}s {sorted(map(str, values))}")
+    grid = envs.eval_contexts(head["task"], head["setting"])
+    if len(rows) != len(grid):
+        raise SystemExit(f"error: {path} holds {len(rows)} contexts, the {head['setting']} grid of {head['task']} has {len(grid)} (a truncated run?)")
+    for n, (row, (context, _)) in enumerate(zip(rows, grid), 1):
+        if any(not math.isclose(row["context"].get(k, math.nan), v) for k, v in context.items()):
+            raise SystemExit(f"error: {path} line {n}: context {row['context']} is not the grid's context {context}")
+    episodes = {len(row["returns"]) for row in rows}
+    if len(episodes) > 1 or 0 in episodes:
+        raise SystemExit(f"error: {path} has unequal or zero episode counts per context: {sorted(episodes)}")
+    returns = np.asarray([row["returns"] for row in rows], np.float64)
+    return RunResult(path, head["task"], head["setting"], head["method"], int(head["seed"]), [r["regime"] for r in rows], returns)
+
+
+def score_matrices(results: list[RunResult], random_return: float = 0.0, expert_return: float = MAX_RETURN) -> dict[str, np.ndarray]:
+    """{method: normalised scores (seeds, contexts)}, after checking that the files fit together."""
+    tasks = {r.task for r in results}
+    if len(tasks) > 1:
+        raise SystemExit("error: the files mix tasks: " + ", ".join(f"{r.path} is {r.task}" for r in results))
+    settings = {r.setting for r in results}
+    if len(settings) > 1:
+        raise SystemExit("error: the files mix settings: " + ", ".join(f"{r.path} is {r.setting}" for r in results))
+    by_method: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(r)
+    for method, runs in by_method.items():
+        seeds = [r.seed for r in runs]
+        if len(set(seeds)) < len(seeds):
+            dup = sorted(s for s in set(seeds) if seeds.count(s) > 1)
+            raise SystemExit(f"error: {method} has seed {dup[0]} twice: " + ", ".join(r.path for r in runs if r.seed == dup[0]))
+    counts = {m: len(runs) for m, runs in by_method.items()}
+    if len(set(counts.values())) > 1:
+        raise SystemExit("error: unequal seed counts per method: " + ", ".join(f"{m} {n}" for m, n in counts.items()))
+    if expert_return <= random_return:
+        raise SystemExit(f"error: --expert-return {expert_return} must exceed --random-return {random_return}")
+    return {m: np.stack([(r.returns.mean(1) - random_return) / (expert_return - random_return) for r in runs]) for m, runs in by_method.items()}
+
+
+def aggregate(results: list[RunResult], reps: int = 2000, seed: int = 0, random_return: float = 0.0, expert_return: float = MAX_RETURN) -> dict:
+    """Every metric with CIs per regime and method, and P(X > Y) for every ordered pair of methods."""
+    scores = score_matrices(results, random_return, expert_return)
+    regimes = np.asarray(results[0].regimes)
+    rng = np.random.default_rng(seed)
+    out: dict = {"task": results[0].task, "setting": results[0].setting, "seeds": len(results) // len(scores), "metrics": {}, "improvement": {}}
+    for reg in REGIMES:
+        cols = np.ones(len(regimes), bool) if reg == "all" else regimes == reg
+        if not cols.any():
+            continue
+        out["metrics"][reg] = {m: {name: metric_with_ci(x[:, cols], f, reps, rng) for name, f in METRICS.items()} for m, x in scores.items()}
+        out["improvement"][reg] = {
+            f"{a} > {b}": improvement_with_ci(scores[a][:, cols], scores[b][:, cols], reps, rng) for a, b in itertools.permutations(scores, 2)
+        }
+    return out
+
+
+def format_table(summary: dict) -> str:
+    fmt = lambda d: f"{d['value']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]"  # noqa: E731
+    lines = [f"{summary['task']} {summary['setting']}, {summary['seeds']} seeds per method, 95% stratified-bootstrap CIs"]
+    lines.append(f"{'regime':<14} {'method':<12} " + " ".join(f"{n:<22}" for n in METRICS))
+    for reg, methods in summary["metrics"].items():
+        for m, values in methods.items():
+            lines.append(f"{reg:<14} {m:<12} " + " ".join(f"{fmt(values[n]):<22}" for n in METRICS))
+    for reg, pairs in summary["improvement"].items():
+        for pair, value in pairs.items():
+            lines.append(f"{reg:<14} P({pair}) = {fmt(value)}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: str) -> None:
+    """IQM bars with 95% CIs per regime, and P(X > Y) with CIs over all contexts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = list(summary["metrics"])
+    methods = list(summary["metrics"][regimes[0]])
+    colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(3.0 * (len(regimes) + 1) + 1, 0.5 * len(methods) + 1.8))
+    for ax, reg in zip(axes, regimes):
+        for i, m in enumerate(methods):
+            v = summary["metrics"][reg][m]["IQM"]
+            ax.barh(i, v["value"], color=colors[m], alpha=0.75)
+            ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], color="k", capsize=3)
+        ax.set_yticks(range(len(methods)), methods if ax is axes[0] else [""] * len(methods))
+        ax.set_xlim(0, 1)
+        ax.set_title(reg)
+        ax.set_xlabel("IQM normalised score")
+    ax, pairs = axes[-1], summary["improvement"].get("all", {})
+    for i, (pair, v) in enumerate(pairs.items()):
+        ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], fmt="o", color=colors[pair.split(" > ")[0]], capsize=3)
+    ax.axvline(0.5, color="gray", ls="--", lw=1)
+    ax.set_yticks(range(len(pairs)), [p.replace(" > ", " > \n") for p in pairs], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_title("P(X > Y), all contexts")
+    fig.suptitle(f"{summary['task']}, {summary['setting']}: zero-shot, {summary['seeds']} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """Evaluate a checkpoint zero-shot on every context of an evaluation grid."""
+
+    checkpoint: str
+    """A train.py checkpoint (RUN/ckpt.pt)."""
+    setting: envs.Setting = "double_box"
+    """Evaluation grid: single_0 / single_1 / double_box (contexts.eval_contexts), or default."""
+    episodes: int = 10
+    """Episodes per context."""
+    out: str = ""
+    """Output JSON-lines file (default: zeroshot_<setting>.jsonl next to the checkpoint)."""
+    method: str = ""
+    """Method name in the output (default: from the checkpoint, e.g. DALI-S, Dreamer-DR)."""
+    seed: int = 100_000
+    """Base reset seed of the evaluation episodes (the same for every agent)."""
+    batch: int = 8
+    """Envs acting in lockstep."""
+    mode: Literal["sample", "mode"] = "sample"
+    """Actions sampled from the policy (the DALI paper) or its mode."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available."""
+    threads: int = 0
+    """torch CPU threads (0: one per core)."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Aggregate results files (methods x seeds) into IQM, mean, median, optimality gap and P(X > Y)."""
+
+    files: tyro.conf.Positional[tuple[str, ...]]
+    """Output files of `evaluate.py run`, one per (method, seed)."""
+    out: str = "zeroshot"
+    """Writes OUT.json (every number) and OUT.png (the figure)."""
+    random_return: float = 0.0
+    """Return of a random policy (score 0)."""
+    expert_return: float = MAX_RETURN
+    """Return of an expert (score 1); default the task's maximum return."""
+    reps: int = 2000
+    """Bootstrap resamples (rliable uses 50000; 2000 gives CI ends to about +-0.01)."""
+    seed: int = 0
+    """Bootstrap seed."""
+
+
+def run(cmd: Run) -> list[dict]:
+    import train  # here, not at the top: train.py imports this module for its periodic evaluation
+
+    if cmd.episodes < 1:
+        raise SystemExit(f"error: --episodes {cmd.episodes}: must be >= 1")
+    if cmd.threads:
+        torch.set_num_threads(cmd.threads)
+    device = torch.device("cuda" if cmd.device == "auto" and torch.cuda.is_available() else ("cpu" if cmd.device == "auto" else cmd.device))
+    args, agent, ckpt = train.load_agent(Path(cmd.checkpoint), device)
+    if cmd.setting != "default" and args.contexts not in ("default", cmd.setting):
+        print(f"note: the agent trained on {args.contexts} contexts and is evaluated on the {cmd.setting} grid", file=sys.stderr)
+    method = cmd.method or method_name(args.agent.context, args.agent.integration, args.ctx.cross_weight)
+    rows = evaluate_grid(agent, args.task, args.obs, args.action_repeat, cmd.setting, cmd.episodes, cmd.seed, device, cmd.mode == "sample", cmd.batch, cmd.progress)
+    out = Path(cmd.out) if cmd.out else Path(cmd.checkpoint).parent / f"zeroshot_{cmd.setting}.jsonl"
+    head = {"task": args.task, "setting": cmd.setting, "method": method, "seed": args.seed, "env_steps": ckpt["counters"]["env_steps"]}
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps({**head, **row}) + "\n" for row in rows))
+    tmp.replace(out)  # a crash never leaves a half-written results file under the real name
+    by_regime: dict[str, list[float]] = {}
+    for row in rows:
+        by_regime.setdefault(row["regime"], []).append(row["mean"])
+    print(f"{method} seed {args.seed} on {args.task} {cmd.setting}: " + ", ".join(f"{r} {np.mean(v):.1f}" for r, v in by_regime.items()) + f" -> {out}")
+    return rows
+
+
+def aggregate_main(cmd: Aggregate) -> dict:
+    if not cmd.files:
+        raise SystemExit("error: give at least one results file")
+    summary = aggregate([read_results(f) for f in cmd.files], cmd.reps, cmd.seed, cmd.random_return, cmd.expert_return)
+    print(format_table(summary))
+    Path(cmd.out + ".json").write_text(json.dumps(summary, indent=1))
+    plot(summary, cmd.out + ".png")
+    print(f"wrote {cmd.out}.json and {cmd.out}.png")
+    return summary
+
+
+Command = Union[Annotated[Run, tyro.conf.subcommand("run")], Annotated[Aggregate, tyro.conf.subcommand("aggregate")]]
+
+
+def main(argv: list[str] | None = None):
+    cmd = tyro.cli(Command, args=argv, description=__doc__)
+    return run(cmd) if isinstance(cmd, Run) else aggregate_main(cmd)
+
+
+if __name__ == "__main__":
+    main()
