@@ -128,16 +128,18 @@ class RSSM(nn.Module):
         stoch = F.one_hot(logits.argmax(-1), self.cfg.classes).to(deter.dtype).flatten(-2)
         return {"deter": deter, "stoch": stoch, "logits": logits}
 
-    def img_step(self, state: dict, action: torch.Tensor, ctx_seq: torch.Tensor | None = None) -> dict:
-        """Prior step: (h_{t-1}, z_{t-1}), a_{t-1} [, ctx] -> h_t, z_t ~ p(z_t | h_t). Tensors (N, ...)."""
-        x = [state["stoch"], action] + ([ctx_seq] if self.ctx_seq_size else [])
-        x = self.img_in(torch.cat(x, -1))  # (N, hidden)
-        h = state["deter"]
+    def _deter_step(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The LayerNorm GRU: h_t from the projected input x = img_in(z_{t-1}, a_{t-1} [, ctx]) and h_{t-1}."""
         reset, cand, update = self.gru_norm(self.gru(torch.cat([x, h], -1))).chunk(3, -1)
         reset = torch.sigmoid(reset)
         cand = torch.tanh(reset * cand)
         update = torch.sigmoid(update - 1)  # bias -1: keep the old state by default
-        deter = update * cand + (1 - update) * h  # (N, D)
+        return update * cand + (1 - update) * h  # (N, D)
+
+    def img_step(self, state: dict, action: torch.Tensor, ctx_seq: torch.Tensor | None = None) -> dict:
+        """Prior step: (h_{t-1}, z_{t-1}), a_{t-1} [, ctx] -> h_t, z_t ~ p(z_t | h_t). Tensors (N, ...)."""
+        x = [state["stoch"], action] + ([ctx_seq] if self.ctx_seq_size else [])
+        deter = self._deter_step(self.img_in(torch.cat(x, -1)), state["deter"])
         logits = self._dist_logits(self.img_out(deter))  # (N, S, C)
         return {"deter": deter, "stoch": self._sample(logits), "logits": logits}
 
@@ -149,19 +151,20 @@ class RSSM(nn.Module):
         is_first: torch.Tensor,
         ctx_seq: torch.Tensor | None = None,
         ctx_post: torch.Tensor | None = None,
-        init: dict | None = None,
     ) -> tuple[dict, dict]:
-        """Posterior step. Where `is_first`, the state restarts from the initial state (`init`, computed here
-        if not given) and the previous action is zeroed, so sequences may cross episode boundaries.
-        Returns (posterior, prior)."""
+        """Posterior step. Where `is_first`, the state restarts from the initial state and the previous
+        action is zeroed, so sequences may cross episode boundaries. Returns (posterior, prior); the prior
+        holds h_t and the logits of p(z_t | h_t), not a sample (it is only scored, in the KL losses).
+        `observe` computes the same over a sequence, faster; a test keeps the two equal."""
         keep = (~is_first).to(embed.dtype).unsqueeze(-1)  # (N, 1)
-        init = self.initial(embed.shape[0]) if init is None else init
+        init = self.initial(embed.shape[0])
         state = {k: keep * state[k] + (1 - keep) * init[k] for k in ("deter", "stoch")}
-        prior = self.img_step(state, keep * action, ctx_seq)
-        x = [prior["deter"], embed] + ([ctx_post] if self.ctx_post_size else [])
+        x = [state["stoch"], keep * action] + ([ctx_seq] if self.ctx_seq_size else [])
+        deter = self._deter_step(self.img_in(torch.cat(x, -1)), state["deter"])
+        x = [deter, embed] + ([ctx_post] if self.ctx_post_size else [])
         logits = self._dist_logits(self.obs_out(torch.cat(x, -1)))
-        post = {"deter": prior["deter"], "stoch": self._sample(logits), "logits": logits}
-        return post, prior
+        post = {"deter": deter, "stoch": self._sample(logits), "logits": logits}
+        return post, {"deter": deter, "logits": self._dist_logits(self.img_out(deter))}
 
     def observe(
         self,
@@ -172,20 +175,43 @@ class RSSM(nn.Module):
         ctx_seq: torch.Tensor | None = None,
         ctx_post: torch.Tensor | None = None,
     ) -> tuple[dict, dict]:
-        """Run obs_step over (B, T): embed (B, T, E), action (B, T, A) = a_{t-1}, is_first (B, T) bool.
-        Returns posterior and prior dicts of (B, T, ...) tensors."""
+        """obs_step over (B, T): embed (B, T, E), action (B, T, A) = a_{t-1}, is_first (B, T) bool.
+        Returns posterior and prior dicts of (B, T, ...) tensors.
+
+        Same maths as stepping obs_step, arranged for speed (the loop runs at batch B, where every kernel
+        launch counts): the first layers of img_in and obs_out are linear in the concatenation of their
+        inputs, so the parts that do not depend on the recurrence (a_{t-1}, embed_t, ctx_t) are projected for
+        all T steps in one matmul before the loop; the prior's logits depend only on h_t, so they are
+        computed for all steps after it."""
         B, T = embed.shape[:2]
+        D = self.cfg.deter
         init = self.initial(B)  # once per sequence, not per step
         state = init if state is None else state
-        posts, priors = [], []
+        keep = (~is_first).to(embed.dtype).unsqueeze(-1)  # (B, T, 1)
+        # img_in: Linear(W [z; a; ctx]) = W_z z + W_a [a; ctx]; obs_out: Linear(W [h; e; ctx]) = W_h h + W_e [e; ctx]
+        w_in, w_post = self.img_in[0].weight, self.obs_out[0][0].weight
+        SC = self.cfg.stoch * self.cfg.classes
+        seq_rest = [keep * action] + ([ctx_seq] if self.ctx_seq_size else [])
+        pre_in = F.linear(torch.cat(seq_rest, -1), w_in[:, SC:])  # (B, T, hidden)
+        post_rest = [embed] + ([ctx_post] if self.ctx_post_size else [])
+        pre_post = F.linear(torch.cat(post_rest, -1), w_post[:, D:])  # (B, T, hidden)
+        w_z, w_h = w_in[:, :SC], w_post[:, :D]
+        in_norm, post_norm, post_head = self.img_in[1], self.obs_out[0][1], self.obs_out[1]  # Dense = Linear, LayerNorm, SiLU
+        deter, stoch = state["deter"], state["stoch"]
+        deters, stochs, logits = [], [], []
         for t in range(T):
-            cs = None if ctx_seq is None else ctx_seq[:, t]
-            cp = None if ctx_post is None else ctx_post[:, t]
-            state, prior = self.obs_step(state, action[:, t], embed[:, t], is_first[:, t], cs, cp, init)
-            posts.append(state)
-            priors.append(prior)
-        stack = lambda xs: {k: torch.stack([x[k] for x in xs], 1) for k in xs[0]}  # noqa: E731
-        return stack(posts), stack(priors)
+            k = keep[:, t]
+            deter = k * deter + (1 - k) * init["deter"]
+            stoch = k * stoch + (1 - k) * init["stoch"]
+            deter = self._deter_step(F.silu(in_norm(F.linear(stoch, w_z) + pre_in[:, t])), deter)
+            logit = self._dist_logits(post_head(F.silu(post_norm(F.linear(deter, w_h) + pre_post[:, t]))))
+            stoch = self._sample(logit)
+            deters.append(deter)
+            stochs.append(stoch)
+            logits.append(logit)
+        deter = torch.stack(deters, 1)  # (B, T, D)
+        post = {"deter": deter, "stoch": torch.stack(stochs, 1), "logits": torch.stack(logits, 1)}
+        return post, {"deter": deter, "logits": self._dist_logits(self.img_out(deter))}
 
     def imagine(self, start: dict, policy, horizon: int, ctx_seq: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
         """Roll the prior forward from `start` (N, ...) with actions a = policy(state).

@@ -381,6 +381,35 @@ def test_kl_free_bits_and_stop_gradients():
     assert g_prior is None or g_prior.abs().sum() == 0  # rep trains only the posterior
 
 
+def test_fast_observe_equals_stepping_obs_step():
+    """rssm.observe precomputes input projections and the prior outside its loop: it must equal the
+    straightforward loop over obs_step (same random numbers), in values and in gradients."""
+    torch.manual_seed(0)
+    model = rssm.RSSM(TINY_RSSM, embed=7, action=3, ctx_seq=2, ctx_post=5).double()
+    B, T = 3, 9
+    embed = torch.randn(B, T, 7, dtype=torch.float64, requires_grad=True)
+    action, cs, cp = torch.randn(B, T, 3).double(), torch.randn(B, T, 2).double(), torch.randn(B, T, 5).double()
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = is_first[1, 4] = True
+    torch.manual_seed(1)
+    post, prior = model.observe(embed, action, is_first, ctx_seq=cs, ctx_post=cp)
+    torch.manual_seed(1)
+    state, ref_post, ref_prior = model.initial(B), [], []
+    for t in range(T):
+        state, p = model.obs_step(state, action[:, t], embed[:, t], is_first[:, t], cs[:, t], cp[:, t])
+        ref_post.append(state)
+        ref_prior.append(p)
+    for k in ("deter", "stoch", "logits"):
+        torch.testing.assert_close(post[k], torch.stack([s[k] for s in ref_post], 1))
+    for k in ("deter", "logits"):
+        torch.testing.assert_close(prior[k], torch.stack([s[k] for s in ref_prior], 1))
+    loss = lambda po, pr: (po["logits"].exp() * (po["logits"] - pr["logits"])).sum() + po["stoch"].square().sum()  # noqa: E731
+    (fast,) = torch.autograd.grad(loss(post, prior), embed)
+    ref = {k: torch.stack([s[k] for s in ref_post], 1) for k in ("stoch", "logits")}
+    (slow,) = torch.autograd.grad(loss(ref, {"logits": torch.stack([s["logits"] for s in ref_prior], 1)}), embed)
+    torch.testing.assert_close(fast, slow)
+
+
 def test_rssm_shapes_and_is_first_resets_state():
     torch.manual_seed(0)
     model = rssm.RSSM(TINY_RSSM, embed=7, action=3)
