@@ -101,17 +101,38 @@ class ContextEncoder(nn.Module):
         mask = torch.where(allowed[:, None], bias[None], torch.tensor(float("-inf"), device=valid.device))
         return mask.flatten(0, 1)  # (B * heads, L, L)
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token layers: (..., D_token) -> (..., U). They see one token each, so acting embeds every
+        transition once and keeps the result in its window."""
+        x = self.embed(tokens)
+        return x + self.token_mlp(x)
+
+    def _readout(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out(pooled + self.mlp(pooled))  # (..., X)
+
     def encode(self, tokens: torch.Tensor, valid: torch.Tensor, episode: torch.Tensor) -> torch.Tensor:
         """Context of the window ending at each token: tokens (B, L, D_token), valid (B, L), episode ids
         (B, L) -> (B, L, X). Row j pools the valid same-episode tokens j-K+1 .. j; if token j itself is
         invalid (o_{j+1} starts an episode), the window is empty and the row is `empty`."""
-        x = self.embed(tokens)
-        x = x + self.token_mlp(x)  # (B, L, U)
+        x = self.embed_tokens(tokens)  # (B, L, U)
         query = self.query.expand_as(x)  # one CLS query per window
         pooled, _ = self.attention(query, x, x, attn_mask=self.attention_mask(valid, episode), need_weights=False)
-        pooled = pooled + self.mlp(pooled)  # (B, L, U)
-        ctx = self.out(pooled)  # (B, L, X)
+        ctx = self._readout(pooled)  # (B, L, X)
         return torch.where(valid[..., None], ctx, self.empty.expand_as(ctx))
+
+    def encode_last(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The context of one window per row, all of whose tokens lie in one episode: embedded tokens
+        x (N, K, U) oldest first, valid (N, K) -> (N, X). Equals the last row of `encode` (a test checks it)
+        at 1/K of its attention cost: acting needs only the newest window."""
+        N, K = valid.shape
+        allowed = valid.clone()
+        allowed[:, -1] = True  # an invalid newest token means an empty window: no NaN, replaced below
+        bias = self.position[:, :K].flip(-1)  # (heads, K): offsets K-1 .. 0
+        mask = torch.where(allowed[:, None], bias[None], torch.tensor(float("-inf"), device=x.device))  # (N, heads, K)
+        query = self.query.expand(N, 1, -1)
+        pooled, _ = self.attention(query, x, x, attn_mask=mask.reshape(N * self.cfg.heads, 1, K), need_weights=False)
+        ctx = self._readout(pooled[:, 0])  # (N, X)
+        return torch.where(valid[:, -1:], ctx, self.empty.expand_as(ctx))
 
     def segment(self, obs: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ctx_t for every step of replayed segments in one pass.
@@ -165,12 +186,12 @@ def cross_modal_loss(cross: CrossModal, ctx: torch.Tensor, stoch: torch.Tensor) 
 
 
 class ContextWindow:
-    """Acting-time window: the last K tokens of each env's current episode, emptied at is_first."""
+    """Acting-time window: the last K (embedded) tokens of each env's current episode, emptied at is_first."""
 
     def __init__(self, encoder: ContextEncoder, n: int, device):
-        K, D = encoder.cfg.window, encoder.token_size
+        K, U = encoder.cfg.window, encoder.cfg.units
         self.encoder = encoder
-        self.tokens = torch.zeros(n, K, D, device=device)
+        self.tokens = torch.zeros(n, K, U, device=device)  # embed_tokens(transition), oldest first
         self.valid = torch.zeros(n, K, dtype=torch.bool, device=device)
         self.prev_obs: torch.Tensor | None = None
 
@@ -178,12 +199,8 @@ class ContextWindow:
         """Add the transition (o_{t-1}, a_{t-1}, o_t) unless o_t starts an episode; return ctx_t (N, X)."""
         if self.prev_obs is None:
             self.prev_obs = obs
-        token = transition_tokens(self.prev_obs, obs, prev_action, self.encoder.features)  # (N, D)
+        token = self.encoder.embed_tokens(transition_tokens(self.prev_obs, obs, prev_action, self.encoder.features))  # (N, U)
         self.tokens = torch.cat([self.tokens[:, 1:], token[:, None]], 1)
         self.valid = torch.cat([self.valid[:, 1:] & ~is_first[:, None], ~is_first[:, None]], 1)
         self.prev_obs = obs
-        episode = torch.zeros_like(self.valid, dtype=torch.long)  # invalid tokens are masked anyway
-        return self.encoder.encode(self.tokens, self.valid, episode)[:, -1]
-
-    def state(self) -> dict:
-        return {"tokens": self.tokens, "valid": self.valid, "prev_obs": self.prev_obs}
+        return self.encoder.encode_last(self.tokens, self.valid)

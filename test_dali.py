@@ -641,6 +641,23 @@ def test_context_is_causal_windowed_and_episode_local():
     assert not torch.allclose(base[8], enc.empty)
 
 
+def test_encode_last_equals_last_row_of_full_encode():
+    """Acting pools only the newest window (1/K of the attention): the same numbers as the full pass,
+    for full, partly filled and empty windows."""
+    enc, K = _encoder(K=6), 6
+    torch.manual_seed(3)
+    tokens = torch.randn(5, K, enc.token_size)
+    valid = torch.ones(5, K, dtype=torch.bool)
+    valid[1, :2] = False  # a short window (episode started 4 transitions ago)
+    valid[2, :5] = False  # one transition
+    valid[3, -1] = False  # the newest observation starts an episode: empty window
+    valid[4] = False
+    full = enc.encode(tokens, valid, torch.zeros(5, K, dtype=torch.long))[:, -1]
+    last = enc.encode_last(enc.embed_tokens(tokens), valid)
+    torch.testing.assert_close(last, full)
+    assert torch.equal(last[3], enc.empty) and torch.equal(last[4], enc.empty)
+
+
 def test_acting_window_equals_training_segment():
     """One definition of ctx_t: the per-env window used when acting gives what replay training computes."""
     enc, L = _encoder(K=4), 15
