@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py                        # cpu and xs presets, features and pixels
     python benchmarks/speed.py --sizes cpu xs s --threads 2
+    python benchmarks/speed.py --sizes cpu --obs features --flags="--imag-starts 0 --rssm.classes 4"
 
 In one run it measures:
   1. fp32 matmul throughput at the shapes the update uses (the observe loop runs at batch B = 16 rows,
@@ -45,8 +46,10 @@ class Args:
     """Timed updates per configuration (after 2 warm-up updates)."""
     task: str = "ball_in_cup"
     """Task whose observation and action sizes are used."""
-    imag_starts: int = -1
-    """Override the preset's imagination start states (-1: keep; 0: all B x T, DreamerV3's recipe)."""
+    flags: str = ""
+    """Extra train.py flags for the timed agents, e.g. --flags="--imag-starts 0 --rssm.classes 4"."""
+    acting: bool = True
+    """Also time the acting loop."""
 
 
 def matmul_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
@@ -127,10 +130,7 @@ def phases(agent: Agent, batch: dict) -> dict[str, float]:
 
 
 def build(size: str, obs: str, args: Args) -> Agent:
-    flags = ["--size", size, "--task", args.task, "--obs", obs, "--context", args.context]
-    if args.imag_starts >= 0:
-        flags += ["--imag-starts", str(args.imag_starts)]
-    run = train.cli(flags)
+    run = train.cli(["--size", size, "--task", args.task, "--obs", obs, "--context", args.context, *args.flags.split()])
     return train.build_agent(run, envs.make_env(args.task, obs), "cpu"), run
 
 
@@ -174,7 +174,7 @@ def time_acting(obs: str, args: Args, steps: int = 400, num_envs: int = 4) -> fl
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, task {args.task}, context {args.context}")
+    print(f"torch {torch.__version__}, {args.threads} threads, task {args.task}, context {args.context}, flags {args.flags!r}")
     print("\nmatmul throughput (fp32):")
     shapes = {"1024 x 1024 x 1024": (1024, 1024, 1024), "observe loop GRU (16 x 512 -> 768)": (16, 512, 768),
               "imagination GRU (256 x 512 -> 768)": (256, 512, 768), "heads (1024 x 512 -> 255)": (1024, 512, 255)}  # fmt: skip
@@ -187,7 +187,7 @@ def main(args: Args) -> None:
         for obs in args.obs:
             time_update(size, obs, args, peak)
     print("\nacting loop (cpu preset, 4 envs, sampled actions):")
-    for obs in args.obs:
+    for obs in args.obs if args.acting else ():
         print(f"    {obs:<9} {time_acting(obs, args):7.0f} env steps/s")
 
 
