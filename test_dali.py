@@ -509,6 +509,22 @@ def test_agent_checkpoint_round_trip_reproduces_outputs(tmp_path):
 # train.py: the real CLI, checkpoints, exact resume, bad input
 # ----------------------------------------------------------------------------------------------------
 
+def test_replay_samples_consecutive_records_of_one_env_across_wraparound():
+    from replay import Replay
+
+    replay = Replay(capacity=20, num_envs=2, spec={"t": ((), np.int64), "env": ((), np.int64)}, seed=0)
+    for t in range(37):  # env 0 wraps its 10-record ring several times; env 1 stops early
+        replay.add(0, {"t": t, "env": 0})
+        if t < 12:
+            replay.add(1, {"t": t, "env": 1})
+    batch = replay.sample(64, 6)
+    assert batch["t"].shape == (64, 6)
+    assert (np.diff(batch["t"], axis=1) == 1).all()  # consecutive, in order
+    assert ((batch["env"] == batch["env"][:, :1]).all())  # one env per sequence
+    assert batch["t"][batch["env"][:, 0] == 0].min() >= 27  # only the 10 newest records of env 0 remain
+    assert set(np.unique(batch["env"][:, 0])) == {0, 1}
+
+
 TINY_FLAGS = [
     "--task", "ball_in_cup", "--envs", "2", "--action-repeat", "50", "--batch-size", "3", "--batch-length", "8",
     "--prefill", "400", "--train-ratio", "48", "--rssm.deter", "32", "--rssm.hidden", "32", "--rssm.stoch", "4",
