@@ -10,20 +10,10 @@ from scratch; nothing is learned between episodes. It writes one JSON line per c
 
 `aggregate` reads such files (methods x seeds). A score is a return normalised by the task's maximum
 (1000 for DMC) or by random / expert reference returns; the score of (seed, context) is its mean over
-episodes. Per regime (interpolation, extrapolation, mixed, and all contexts), with the M seeds as runs and
-the regime's contexts as tasks, scores x of shape (M, tasks):
-
-    IQM                  25%-trimmed mean of all M * tasks scores (the middle 50%)
-    mean                 mean of all scores
-    median               median over tasks of the per-task mean over runs
-    optimality gap       mean over all scores of max(0, 1 - x)
-    95% CIs              percentile intervals of a stratified bootstrap: every task's M runs are resampled
-                         with replacement, independently per task
-    P(X > Y)             probability of improvement: per task, P(x > y) + P(x = y) / 2 over all pairs of
-                         runs (the Mann-Whitney U statistic / (M_X M_Y)), averaged over tasks; its CI
-                         resamples X's and Y's runs independently
-
-and draws the paper's figure: IQM bars with CIs per regime and a probability-of-improvement panel.
+episodes. Per regime (interpolation, extrapolation, mixed, and all contexts), with the seeds as runs and
+the regime's contexts as tasks, it reports IQM, mean, median and optimality gap with stratified-bootstrap
+95% CIs, and the probability of improvement of every method over every other (definitions: scores.py),
+as a table, a JSON file and the paper's figure: IQM bars with CIs per regime and a P(X > Y) panel.
 """
 
 from __future__ import annotations
@@ -43,6 +33,7 @@ from tqdm import tqdm
 
 import envs
 from dali import Agent
+from scores import METRICS, improvement_with_ci, metric_with_ci
 
 MAX_RETURN = 1000.0  # DMC rewards are in [0, 1] per control step over 1000-step episodes
 REGIMES = ("interpolation", "extrapolation", "mixed", "all")
@@ -116,68 +107,6 @@ def evaluate_grid(
         {"context": context, "regime": reg, "returns": r.tolist(), "mean": float(r.mean()), "std": float(r.std())}
         for (context, reg), r in zip(grid, returns)
     ]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Statistics (rliable's definitions). Scores x: (runs M, tasks N).
-# ----------------------------------------------------------------------------------------------------
-
-
-def iqm(x: np.ndarray) -> np.ndarray:
-    """Interquartile mean over the last two axes (..., M, N): the 25%-trimmed mean of all M * N scores
-    (scipy.stats.trim_mean(x, 0.25, axis=None): int(0.25 n) scores cut from each end)."""
-    flat = np.sort(x.reshape(*x.shape[:-2], -1), -1)
-    cut = int(0.25 * flat.shape[-1])
-    return flat[..., cut : flat.shape[-1] - cut].mean(-1)
-
-
-def mean(x: np.ndarray) -> np.ndarray:
-    return x.mean((-2, -1))
-
-
-def median(x: np.ndarray) -> np.ndarray:
-    """Median over tasks of the mean over runs."""
-    return np.median(x.mean(-2), -1)
-
-
-def optimality_gap(x: np.ndarray, gamma: float = 1.0) -> np.ndarray:
-    """How far the scores fall short of gamma: gamma - mean(min(x, gamma))."""
-    return gamma - np.minimum(x, gamma).mean((-2, -1))
-
-
-METRICS = {"IQM": iqm, "mean": mean, "median": median, "optimality gap": optimality_gap}
-
-
-def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """P(X > Y): x (..., M, N), y (..., L, N) -> (...). Per task, the fraction of run pairs where x beats y,
-    ties counting half; then the mean over tasks."""
-    xi, yj = x[..., :, None, :], y[..., None, :, :]  # (..., M, 1, N), (..., 1, L, N)
-    per_task = ((xi > yj) + 0.5 * (xi == yj)).mean((-3, -2))  # (..., N)
-    return per_task.mean(-1)
-
-
-def bootstrap(x: np.ndarray, reps: int, rng: np.random.Generator) -> np.ndarray:
-    """Stratified bootstrap samples (reps, M, N): each task's runs resampled with replacement."""
-    M, N = x.shape
-    idx = rng.integers(0, M, size=(reps, M, N))
-    return x[idx, np.arange(N)]
-
-
-def interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """Percentile confidence interval of bootstrap statistics."""
-    lo, hi = np.percentile(samples, [50 * (1 - confidence), 50 * (1 + confidence)])
-    return float(lo), float(hi)
-
-
-def metric_with_ci(x: np.ndarray, metric, reps: int, rng: np.random.Generator, confidence: float = 0.95) -> dict:
-    """{"value", "ci": [lo, hi]} of an aggregate metric of scores x (M, N)."""
-    return {"value": float(metric(x)), "ci": list(interval(metric(bootstrap(x, reps, rng)), confidence))}
-
-
-def improvement_with_ci(x: np.ndarray, y: np.ndarray, reps: int, rng: np.random.Generator, confidence: float = 0.95) -> dict:
-    """{"value", "ci"} of P(X > Y), resampling X's and Y's runs independently (stratified by task)."""
-    samples = probability_of_improvement(bootstrap(x, reps, rng), bootstrap(y, reps, rng))
-    return {"value": float(probability_of_improvement(x, y)), "ci": list(interval(samples, confidence))}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -779,35 +779,36 @@ def test_context_encoder_learns_gravity_from_random_policy_data():
 # ----------------------------------------------------------------------------------------------------
 
 import evaluate  # noqa: E402
+import scores  # noqa: E402
 
 
 def test_iqm_is_the_25_percent_trimmed_mean_and_other_metrics():
     x = np.random.default_rng(0).uniform(0, 1.2, size=(5, 8))
     flat = np.sort(x.ravel())
-    assert np.isclose(evaluate.iqm(x), flat[10:30].mean())  # 40 scores: the middle 20
+    assert np.isclose(scores.iqm(x), flat[10:30].mean())  # 40 scores: the middle 20
     scipy_stats = pytest.importorskip("scipy.stats")
-    assert np.isclose(evaluate.iqm(x), scipy_stats.trim_mean(x, 0.25, axis=None))
-    assert np.isclose(evaluate.median(x), np.median(x.mean(0)))
-    assert np.isclose(evaluate.optimality_gap(x), np.mean(np.maximum(0, 1 - x)))
+    assert np.isclose(scores.iqm(x), scipy_stats.trim_mean(x, 0.25, axis=None))
+    assert np.isclose(scores.median(x), np.median(x.mean(0)))
+    assert np.isclose(scores.optimality_gap(x), np.mean(np.maximum(0, 1 - x)))
     batch = np.stack([x, x + 1])  # the metrics broadcast over leading bootstrap axes
-    assert np.allclose(evaluate.iqm(batch), [evaluate.iqm(x), evaluate.iqm(x + 1)])
+    assert np.allclose(scores.iqm(batch), [scores.iqm(x), scores.iqm(x + 1)])
 
 
 def test_probability_of_improvement_and_bootstrap_intervals():
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 1, size=(4, 6))
-    assert evaluate.probability_of_improvement(x, x) == 0.5  # identical samples: every pair ties or cancels
-    assert evaluate.probability_of_improvement(x + 2, x) == 1.0 and evaluate.probability_of_improvement(x, x + 2) == 0.0
+    assert scores.probability_of_improvement(x, x) == 0.5  # identical samples: every pair ties or cancels
+    assert scores.probability_of_improvement(x + 2, x) == 1.0 and scores.probability_of_improvement(x, x + 2) == 0.0
     # the Mann-Whitney definition on one task: count of wins + half the ties over all pairs
     a, b = np.array([[1.0], [2.0], [3.0]]), np.array([[2.0], [0.0]])
-    assert evaluate.probability_of_improvement(a, b) == (0.5 + 1 + 1 + 1 + 1 + 0) / 6
-    for name, metric in evaluate.METRICS.items():
-        est = evaluate.metric_with_ci(x, metric, 500, np.random.default_rng(0))
+    assert scores.probability_of_improvement(a, b) == (0.5 + 1 + 1 + 1 + 1 + 0) / 6
+    for name, metric in scores.METRICS.items():
+        est = scores.metric_with_ci(x, metric, 500, np.random.default_rng(0))
         assert est["ci"][0] <= est["value"] <= est["ci"][1], name
-    boot = evaluate.bootstrap(x, 200, np.random.default_rng(0))
+    boot = scores.bootstrap(x, 200, np.random.default_rng(0))
     for task in range(6):  # stratified: task j's resampled runs come from task j's column only
         assert np.isin(boot[:, :, task], x[:, task]).all()
-    poi = evaluate.improvement_with_ci(x + 0.1, x, 500, np.random.default_rng(0))
+    poi = scores.improvement_with_ci(x + 0.1, x, 500, np.random.default_rng(0))
     assert poi["ci"][0] <= poi["value"] <= poi["ci"][1] and poi["value"] > 0.5
 
 
@@ -835,10 +836,10 @@ def test_statistics_match_rliable_reference_values():
     rng = np.random.default_rng(0)
     for name, x in (("A", RLIABLE_A), ("B", RLIABLE_B)):
         for metric, (point, lo, hi) in RLIABLE_REF[name].items():
-            est = evaluate.metric_with_ci(x, evaluate.METRICS[metric], 20_000, rng)
+            est = scores.metric_with_ci(x, scores.METRICS[metric], 20_000, rng)
             assert abs(est["value"] - point) < 1e-5, (name, metric)
             assert abs(est["ci"][0] - lo) < 0.02 and abs(est["ci"][1] - hi) < 0.02, (name, metric, est, lo, hi)  # Monte-Carlo noise
-    poi = evaluate.improvement_with_ci(RLIABLE_A, RLIABLE_B, 20_000, rng)
+    poi = scores.improvement_with_ci(RLIABLE_A, RLIABLE_B, 20_000, rng)
     assert abs(poi["value"] - RLIABLE_POI[0]) < 1e-5
     assert abs(poi["ci"][0] - RLIABLE_POI[1]) < 0.02 and abs(poi["ci"][1] - RLIABLE_POI[2]) < 0.02, poi
 
