@@ -301,9 +301,11 @@ class Agent(nn.Module):
 
     # -- context wiring ------------------------------------------------------------------------------
 
-    def context(self, batch: dict) -> tuple[torch.Tensor | None, dict]:
+    def context(self, batch: dict, embed: torch.Tensor | None = None) -> tuple[torch.Tensor | None, dict]:
         """ctx for the last T steps of `batch` (B, K + T, ...): (B, T, X) detached, or None for a
-        context-unaware agent; plus, for a learned context, the not-yet-detached pieces its losses need."""
+        context-unaware agent; plus, for a learned context, the not-yet-detached pieces its losses need.
+        Pixels: tokens are the encoder's embeddings; `embed` (B, T, E), the world model's embeddings of the
+        last T frames, saves encoding those frames twice."""
         if self.cfg.context == "oracle":
             return batch["context"][:, self.context_prefix :].float().detach(), {}
         if self.cfg.context == "none":
@@ -313,7 +315,9 @@ class Agent(nn.Module):
             x = batch["obs"].float()
         else:
             with torch.no_grad():  # tokens and targets are detached embeddings: L_FD never trains the encoder
-                x = self.encoder(batch["image"])
+                x = self.encoder(batch["image"] if embed is None else batch["image"][:, :P])
+            if embed is not None:
+                x = torch.cat([x, embed.detach()], 1)  # (B, K + T, E)
         ctx, valid = self.ctx_encoder.segment(x, batch["action"], batch["is_first"])  # (B, K+T, X), (B, K+T-1)
         return ctx[:, P:].detach(), {"x": x, "ctx": ctx, "valid": valid}
 
@@ -323,11 +327,11 @@ class Agent(nn.Module):
 
     # -- training ------------------------------------------------------------------------------------
 
-    def world_model_loss(self, batch: dict, ctx: torch.Tensor | None) -> tuple[dict, dict]:
+    def world_model_loss(self, batch: dict, ctx: torch.Tensor | None, embed: torch.Tensor | None = None) -> tuple[dict, dict]:
         """DreamerV3 eq. 4-5 on a replayed batch of (B, T) (no context prefix). Returns per-(B, T) losses
-        and the posterior."""
+        and the posterior. `embed`: the encoder's output for this batch, if already computed."""
         obs = batch["image"] if self.spaces.image is not None else batch["obs"]
-        embed = self.encoder(obs, ctx if self.ctx_enc else None)  # (B, T, E)
+        embed = self.encoder(obs, ctx if self.ctx_enc else None) if embed is None else embed  # (B, T, E)
         seq_ctx = ctx if self.ctx_deep else None
         post_ctx = ctx if self.ctx_post else None
         post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"], ctx_seq=seq_ctx, ctx_post=post_ctx)
@@ -398,10 +402,13 @@ class Agent(nn.Module):
         """One gradient step of world model, actor and critic on a batch of (B, T) sequences.
         Returns detached scalar metrics (no host sync: call .item() only when logging).
         A learned-context agent's batch is (B, K + T): K records of history before the T training steps."""
-        ctx, pieces = self.context(batch)
         full, batch = batch, {k: v[:, self.context_prefix :] for k, v in batch.items()}
+        embed = None
+        if self.cfg.context == "learned" and self.spaces.image is not None:  # one CNN pass over the T frames
+            embed = self.encoder(batch["image"])  # (B, T, E)
+        ctx, pieces = self.context(full, embed)
         # World model
-        losses, post = self.world_model_loss(batch, ctx)
+        losses, post = self.world_model_loss(batch, ctx, embed)
         assert losses.keys() == self.loss_scales.keys(), (losses.keys(), self.loss_scales.keys())
         for k, v in losses.items():
             assert v.shape == batch["reward"].shape, (k, v.shape)
