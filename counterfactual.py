@@ -35,6 +35,7 @@ from rssm import symexp
 
 MIN_GRAVITY = 0.1  # m/s^2: a read-out below this (or negative) is run at this gravity in the real env
 BALL_Z_VELOCITY = 7  # ball_in_cup features: qpos (cup x, cup z, ball x, ball z), then qvel in that order
+BALL_DIMS = (2, 3, 6, 7)  # the ball's position and velocity
 
 # ----------------------------------------------------------------------------------------------------
 # Recording episodes and their inferred contexts
@@ -167,24 +168,33 @@ def _dream_one(agent: Agent, ep: Episodes, ctx, index, start, horizon, actions, 
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation (no ties expected between continuous values)."""
-    rank = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731
-    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+    """Spearman's rank correlation, ties sharing their average rank; nan when either side is constant."""
+
+    def rank(v):
+        v = np.asarray(v, float)
+        r = np.empty(len(v))
+        r[np.argsort(v, kind="stable")] = np.arange(len(v))
+        for value in np.unique(v):
+            r[v == value] = r[v == value].mean()
+        return r
+
+    ra, rb = rank(a), rank(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def true_ball_acceleration(task: str, context: dict, physics_state: np.ndarray, actions: np.ndarray, action_repeat: int) -> float:
-    """Mean vertical acceleration of the ball (m/s^2) in the real env, started from `physics_state` in
-    `context` and driven by `actions` (H, A)."""
+def real_rollout(task: str, context: dict, physics_state: np.ndarray, actions: np.ndarray, action_repeat: int) -> np.ndarray:
+    """The real env's features (H + 1, O), started from `physics_state` in `context`, driven by `actions` (H, A)."""
     env = envs.make_env(task, "features", [context], 0, action_repeat)
-    env.reset()
+    obs = [env.reset()[0]["obs"]]
     env.physics.set_state(physics_state)
     env.physics.forward()
-    v = [env.physics.data.qvel[3]]
+    obs[0] = np.concatenate([env.physics.data.qpos, env.physics.data.qvel]).astype(np.float32)  # ball_in_cup's features
     for a in actions:
-        env.step(a)
-        v.append(env.physics.data.qvel[3])
+        obs.append(env.step(a)[0]["obs"])
     env.close()
-    return float(np.diff(v).mean() / (env.control_timestep * action_repeat))
+    return np.stack(obs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,7 +244,7 @@ class Dream(Source):
     """Shifts m, in units of sigma_d."""
     horizon: int = 50
     """Imagined steps H."""
-    start: int = 100
+    start: int = 90
     """Real steps filtered before imagining (>= the window K gives a full context window)."""
     actions: Literal["recorded", "zero"] = "recorded"
     """Actions during imagination: the ones the policy took in reality, or zeros."""
@@ -246,10 +256,11 @@ class Dream(Source):
 
 @dataclass(frozen=True)
 class Plausibility(Source):
-    """Does shifting the gravity dimension change imagined physics the way gravity does? For ball_in_cup:
-    the ball's mean vertical acceleration in decoded dreams vs m, next to the real env run from the same
-    states at the gravity a linear probe reads from the shifted ctx; and their rank correlations with that
-    gravity (both should be negative: more gravity, faster downward acceleration)."""
+    """Does shifting the gravity dimension change imagined physics the way gravity does? For ball_in_cup,
+    per shift m: the gravity a linear probe reads from the shifted ctx; the ball's mean vertical
+    acceleration in the decoded dream and in the real env run from the same states at that gravity; and
+    the gravity the dream looks like (the real rollout over a grid of gravities closest to the decoded ball
+    trajectory). Plausible: the dream's gravity rises with the gravity read (rank correlation near 1)."""
 
     shifts: tuple[float, ...] = (-2.0, -1.0, 0.0, 1.0, 2.0)
     """Shifts m, in units of sigma_d."""
@@ -326,8 +337,8 @@ def _shift_setup(cmd, args, ep, ctx, first, feature: str, dim: int):
     sigma = ctx_sigma(ctx, first)
     if cmd.start >= cmd.steps or cmd.start < 1:
         raise SystemExit(f"error: --start {cmd.start} must lie in [1, --steps {cmd.steps})")
-    if cmd.start + cmd.horizon > cmd.steps and cmd.actions == "recorded":
-        raise SystemExit(f"error: --start {cmd.start} + --horizon {cmd.horizon} exceeds the {cmd.steps} recorded steps (raise --steps)")
+    if cmd.start + cmd.horizon >= cmd.steps:  # recorded actions and the real continuation end at step steps - 1
+        raise SystemExit(f"error: --start {cmd.start} + --horizon {cmd.horizon} must stay below the {cmd.steps} recorded steps (raise --steps)")
     return dim, sigma
 
 
@@ -420,25 +431,38 @@ def plausibility_main(cmd: Plausibility) -> dict:
     actions = _actions(cmd, ep, chosen)
     decoded = dream(agent, ep, ctx, chosen, cmd.start, cmd.horizon, actions, deltas, cmd.seed).cpu().numpy()  # (M, N, H+1, O)
     dt = envs.make_env(args.task).control_timestep * args.action_repeat
-    imagined = np.diff(decoded[..., BALL_Z_VELOCITY], axis=-1).mean(-1) / dt  # (M, N)
+    accel = lambda traj: np.diff(traj[..., BALL_Z_VELOCITY], axis=-1).mean(-1) / dt  # noqa: E731  mean over the horizon
+    imagined = accel(decoded)  # (M, N)
     start_ctx = (ctx[chosen, cmd.start][None] + deltas[:, None]).cpu().numpy()  # (M, N, X)
     gravity = np.clip(fit(start_ctx.reshape(M * N, X)) @ w, MIN_GRAVITY, None).reshape(M, N)  # the gravity each shifted ctx reads as
     real = np.zeros((M, N))
     for m in range(M):
         for n, e in enumerate(chosen.tolist()):
             context = {**ep.contexts[e], "gravity": float(gravity[m, n])}
-            real[m, n] = true_ball_acceleration(args.task, context, ep.physics[e, cmd.start], actions[n].numpy(), args.action_repeat)
-    g_mean, a_imag, a_real = gravity.mean(1), imagined.mean(1), real.mean(1)
+            real[m, n] = accel(real_rollout(args.task, context, ep.physics[e, cmd.start], actions[n].numpy(), args.action_repeat))
+    # The gravity a dream looks like: the real rollout (same start state and actions) over a grid of
+    # gravities that is closest to the decoded ball trajectory.
+    grid = np.asarray(sorted(set(envs.CONTEXT_FEATURES[args.task]["gravity"].interpolation + envs.CONTEXT_FEATURES[args.task]["gravity"].extrapolation)))
+    ball = list(BALL_DIMS)
+    implied = np.zeros((M, N))
+    for n, e in enumerate(chosen.tolist()):
+        runs = np.stack([real_rollout(args.task, {**ep.contexts[e], "gravity": float(g)}, ep.physics[e, cmd.start], actions[n].numpy(), args.action_repeat)
+                         for g in grid])  # (G, H+1, O)  # fmt: skip
+        error = ((decoded[:, n][:, None][..., ball] - runs[None][..., ball]) ** 2).sum((-2, -1))  # (M, G)
+        implied[:, n] = grid[error.argmin(-1)]
+    g_mean, a_imag, a_real, g_implied = gravity.mean(1), imagined.mean(1), real.mean(1), implied.mean(1)
     result = {
         "dim": dim, "sigma": float(sigma[dim]), "shifts": list(cmd.shifts), "gravity": g_mean.tolist(),
-        "imagined_acceleration": a_imag.tolist(), "real_acceleration": a_real.tolist(),
+        "imagined_acceleration": a_imag.tolist(), "real_acceleration": a_real.tolist(), "implied_gravity": g_implied.tolist(),
         "rank_corr_imagined": spearman(g_mean, a_imag), "rank_corr_real": spearman(g_mean, a_real),
+        "rank_corr_implied": spearman(g_mean, g_implied),
     }  # fmt: skip
-    print(f"ctx[{dim}] shifted by m sigma (sigma {sigma[dim]:.3f}); ball vertical acceleration (m/s^2), mean of {N} start states")
-    print(f"{'m':>6} {'gravity read':>13} {'imagined':>10} {'real env':>10}")
-    for m, g, ai, ar in zip(cmd.shifts, g_mean, a_imag, a_real):
-        print(f"{m:>6g} {g:>13.2f} {ai:>10.2f} {ar:>10.2f}")
-    print(f"rank correlation with gravity: imagined {result['rank_corr_imagined']:.2f}, real env {result['rank_corr_real']:.2f} (plausible: both < 0)")
+    print(f"ctx[{dim}] shifted by m sigma (sigma {sigma[dim]:.3f}); means over {N} start states, {cmd.horizon} steps, {cmd.actions} actions")
+    print(f"{'m':>6} {'gravity read':>13} {'ball accel, dream':>18} {'ball accel, real env':>21} {'gravity the dream looks like':>29}")
+    for m, g, ai, ar, gi in zip(cmd.shifts, g_mean, a_imag, a_real, g_implied):
+        print(f"{m:>6g} {g:>13.2f} {ai:>18.2f} {ar:>21.2f} {gi:>29.2f}")
+    print(f"rank correlation with the gravity read: ball acceleration in the dream {result['rank_corr_imagined']:.2f}, in the real env "
+          f"{result['rank_corr_real']:.2f}; gravity the dream looks like {result['rank_corr_implied']:.2f} (plausible: near 1)")
     path = out_path(cmd, cmd.out, "plausibility.json")
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")

@@ -945,8 +945,10 @@ def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path):
     assert out["decoded"].shape == (3, 7, 8) and (tmp_path / "dream.png").stat().st_size > 10_000
     res = counterfactual.main(["plausibility", "--checkpoint", str(tiny_dali_run), "--start", "8", "--horizon", "6", "--starts", "3",
                                "--out", str(tmp_path / "p.json"), *CF_FLAGS])  # fmt: skip
-    assert len(res["imagined_acceleration"]) == len(res["real_acceleration"]) == 5
+    assert len(res["imagined_acceleration"]) == len(res["real_acceleration"]) == len(res["implied_gravity"]) == 5
     assert np.all(np.diff(res["gravity"]) != 0) and -1 <= res["rank_corr_imagined"] <= 1
+    assert all(0.98 <= g <= 19.6 for g in res["implied_gravity"])  # means of grid gravities
+    assert np.isnan(counterfactual.spearman([1, 2, 3], [5, 5, 5])) and counterfactual.spearman([1, 2, 3], [3, 2, 1]) == -1
     with pytest.raises(SystemExit, match="needs --context learned"):
         none_run = tmp_path / "none"
         train.main(train.cli([*TINY_FLAGS, "--steps", "1000", "--context", "none", "--logdir", str(none_run)]))
