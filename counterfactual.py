@@ -30,6 +30,7 @@ import torch
 import tyro
 
 import envs
+import train
 from dali import Agent
 from rssm import symexp
 
@@ -278,8 +279,6 @@ class Plausibility(Source):
 
 def load(src: Source) -> tuple:
     """Agent, saved args, device, recorded episodes, their inferred ctx and the probe steps."""
-    import train  # here: train.py imports evaluate.py, which this module does not need at import time
-
     if src.threads:
         torch.set_num_threads(src.threads)
     device = torch.device("cuda" if src.device == "auto" and torch.cuda.is_available() else ("cpu" if src.device == "auto" else src.device))
@@ -313,7 +312,7 @@ def probe_main(cmd: Probe) -> dict:
     X = ctx.shape[-1]
     print(f"{'dim':>4} " + " ".join(f"corr({n})".rjust(22) for n in names))
     for d in range(X):
-        print(f"{d:>4} " + " ".join(f"{table['corr'][d][f] or float('nan'):22.3f}" for f in range(len(names))))
+        print(f"{d:>4} " + " ".join(f"{float('nan') if table['corr'][d][f] is None else table['corr'][d][f]:22.3f}" for f in range(len(names))))
     print("held-out linear probe R^2: " + ", ".join(f"{n} {v:.3f}" for n, v in table["r2_linear"].items() if v is not None))
     print("best dimension: " + ", ".join(f"{n} -> ctx[{d}]" for n, d in table["best_dim"].items()))
     path = out_path(cmd, cmd.out, "probe.json")
