@@ -37,6 +37,7 @@ from rssm import symexp
 MIN_GRAVITY = 0.1  # m/s^2: a read-out below this (or negative) is run at this gravity in the real env
 BALL_Z_VELOCITY = 7  # ball_in_cup features: qpos (cup x, cup z, ball x, ball z), then qvel in that order
 BALL_DIMS = (2, 3, 6, 7)  # the ball's position and velocity
+OBS_NAMES = {"ball_in_cup": ["cup x", "cup z", "ball x", "ball z", "cup vx", "cup vz", "ball vx", "ball vz"]}
 
 # ----------------------------------------------------------------------------------------------------
 # Recording episodes and their inferred contexts
@@ -281,6 +282,7 @@ def load(src: Source) -> tuple:
     """Agent, saved args, device, recorded episodes, their inferred ctx and the probe steps."""
     if src.threads:
         torch.set_num_threads(src.threads)
+    torch.manual_seed(src.seed)  # the policy's sampled actions while recording
     device = torch.device("cuda" if src.device == "auto" and torch.cuda.is_available() else ("cpu" if src.device == "auto" else src.device))
     args, agent, _ = train.load_agent(Path(src.checkpoint), device)
     if args.agent.context != "learned":
@@ -367,14 +369,14 @@ def dream_main(cmd: Dream) -> dict:
     real = ep.x[cmd.context_index, cmd.start : cmd.start + cmd.horizon + 1].numpy()
     title = f"{args.task} {ep.contexts[cmd.context_index]}: ctx[{dim}] + m sigma ({cmd.actions} actions)"
     if agent.spaces.image is None:
-        plot_features(decoded, real, cmd.shifts, title, str(prefix) + ".png")
+        plot_features(decoded, real, cmd.shifts, title, str(prefix) + ".png", OBS_NAMES.get(args.task))
     else:
         save_gif(decoded, real, str(prefix) + ".gif")
     print(f"shifted ctx[{dim}] (sigma {sigma[dim]:.3f}) by m in {list(cmd.shifts)}; wrote {prefix}.{'png' if agent.spaces.image is None else 'gif'}")
     return {"dim": dim, "sigma": float(sigma[dim]), "decoded": decoded}
 
 
-def plot_features(decoded: np.ndarray, real: np.ndarray, shifts, title: str, path: str) -> None:
+def plot_features(decoded: np.ndarray, real: np.ndarray, shifts, title: str, path: str, names: list[str] | None = None) -> None:
     """One panel per observation feature: the real continuation and the dream for every shift m."""
     import matplotlib
 
@@ -392,7 +394,7 @@ def plot_features(decoded: np.ndarray, real: np.ndarray, shifts, title: str, pat
         ax.plot(real[:, i], color="k", lw=2, label="real")
         for m, c, d in zip(shifts, colors, decoded):
             ax.plot(d[:, i], color=c, lw=1, ls="-" if m else "--", label=f"m = {m:g}")
-        ax.set_title(f"obs[{i}]", fontsize=9)
+        ax.set_title(names[i] if names else f"obs[{i}]", fontsize=9)
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.supxlabel("imagined step")
