@@ -270,8 +270,8 @@ class Plausibility(Source):
     """Imagined steps H."""
     start: int = 100
     """Real steps filtered before imagining."""
-    starts: int = 8
-    """Start states (episodes) averaged over."""
+    starts: int = 0
+    """Start states (recorded episodes) averaged over; 0: all. Fewer than ~20 gives noisy means."""
     actions: Literal["recorded", "zero"] = "recorded"
     """Actions during imagination and in the real env."""
     out: str = ""
@@ -399,7 +399,7 @@ def plot_features(decoded: np.ndarray, real: np.ndarray, shifts, title: str, pat
     fig.suptitle(title, fontsize=9)
     fig.supxlabel("imagined step")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -426,7 +426,8 @@ def plausibility_main(cmd: Plausibility) -> dict:
     fit = lambda x: np.concatenate([x, np.ones((len(x), 1))], 1)  # noqa: E731
     w = np.linalg.lstsq(fit(probe_x.reshape(-1, X)), np.repeat(gravity_true, probe_x.shape[1]), rcond=None)[0]
     rng = np.random.default_rng(cmd.seed)
-    chosen = torch.as_tensor(rng.choice(len(ep.contexts), size=min(cmd.starts, len(ep.contexts)), replace=False))
+    n_starts = len(ep.contexts) if cmd.starts <= 0 else min(cmd.starts, len(ep.contexts))
+    chosen = torch.as_tensor(np.sort(rng.choice(len(ep.contexts), size=n_starts, replace=False)))
     M, N = len(cmd.shifts), len(chosen)
     deltas = _deltas(cmd.shifts, dim, sigma, X)
     actions = _actions(cmd, ep, chosen)
