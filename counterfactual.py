@@ -186,16 +186,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def real_rollout(task: str, context: dict, physics_state: np.ndarray, actions: np.ndarray, action_repeat: int) -> np.ndarray:
-    """The real env's features (H + 1, O), started from `physics_state` in `context`, driven by `actions` (H, A)."""
-    env = envs.make_env(task, "features", [context], 0, action_repeat)
-    obs = [env.reset()[0]["obs"]]
+def real_rollout(env: envs.ContextualDMC, context: dict, physics_state: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """The real env's features (H + 1, O), started from `physics_state` in `context` and driven by `actions`
+    (H, A). One env serves every rollout: each one resets it, patches the context, and sets the state."""
+    env.reset()
+    env.apply_context(context)
     env.physics.set_state(physics_state)
     env.physics.forward()
-    obs[0] = np.concatenate([env.physics.data.qpos, env.physics.data.qvel]).astype(np.float32)  # ball_in_cup's features
+    obs = [np.concatenate([env.physics.data.qpos, env.physics.data.qvel]).astype(np.float32)]  # ball_in_cup's features
     for a in actions:
         obs.append(env.step(a)[0]["obs"])
-    env.close()
     return np.stack(obs)
 
 
@@ -432,7 +432,8 @@ def plausibility_main(cmd: Plausibility) -> dict:
     deltas = _deltas(cmd.shifts, dim, sigma, X)
     actions = _actions(cmd, ep, chosen)
     decoded = dream(agent, ep, ctx, chosen, cmd.start, cmd.horizon, actions, deltas, cmd.seed).cpu().numpy()  # (M, N, H+1, O)
-    dt = envs.make_env(args.task).control_timestep * args.action_repeat
+    env = envs.make_env(args.task, "features", None, 0, args.action_repeat)
+    dt = env.control_timestep * args.action_repeat
     accel = lambda traj: np.diff(traj[..., BALL_Z_VELOCITY], axis=-1).mean(-1) / dt  # noqa: E731  mean over the horizon
     imagined = accel(decoded)  # (M, N)
     start_ctx = (ctx[chosen, cmd.start][None] + deltas[:, None]).cpu().numpy()  # (M, N, X)
@@ -441,15 +442,14 @@ def plausibility_main(cmd: Plausibility) -> dict:
     for m in range(M):
         for n, e in enumerate(chosen.tolist()):
             context = {**ep.contexts[e], "gravity": float(gravity[m, n])}
-            real[m, n] = accel(real_rollout(args.task, context, ep.physics[e, cmd.start], actions[n].numpy(), args.action_repeat))
+            real[m, n] = accel(real_rollout(env, context, ep.physics[e, cmd.start], actions[n].numpy()))
     # The gravity a dream looks like: the real rollout (same start state and actions) over a grid of
     # gravities that is closest to the decoded ball trajectory.
     grid = np.asarray(sorted(set(envs.CONTEXT_FEATURES[args.task]["gravity"].interpolation + envs.CONTEXT_FEATURES[args.task]["gravity"].extrapolation)))
     ball = list(BALL_DIMS)
     implied = np.zeros((M, N))
     for n, e in enumerate(chosen.tolist()):
-        runs = np.stack([real_rollout(args.task, {**ep.contexts[e], "gravity": float(g)}, ep.physics[e, cmd.start], actions[n].numpy(), args.action_repeat)
-                         for g in grid])  # (G, H+1, O)  # fmt: skip
+        runs = np.stack([real_rollout(env, {**ep.contexts[e], "gravity": float(g)}, ep.physics[e, cmd.start], actions[n].numpy()) for g in grid])  # (G, H+1, O)
         error = ((decoded[:, n][:, None][..., ball] - runs[None][..., ball]) ** 2).sum((-2, -1))  # (M, G)
         implied[:, n] = grid[error.argmin(-1)]
     g_mean, a_imag, a_real, g_implied = gravity.mean(1), imagined.mean(1), real.mean(1), implied.mean(1)
