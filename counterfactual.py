@@ -30,6 +30,7 @@ import torch
 import tyro
 
 import envs
+import figures
 import train
 from dali import Agent
 from rssm import symexp
@@ -369,49 +370,11 @@ def dream_main(cmd: Dream) -> dict:
     real = ep.x[cmd.context_index, cmd.start : cmd.start + cmd.horizon + 1].numpy()
     title = f"{args.task} {ep.contexts[cmd.context_index]}: ctx[{dim}] + m sigma ({cmd.actions} actions)"
     if agent.spaces.image is None:
-        plot_features(decoded, real, cmd.shifts, title, str(prefix) + ".png", OBS_NAMES.get(args.task))
+        figures.dream_figure(decoded, real, cmd.shifts, title, str(prefix) + ".png", OBS_NAMES.get(args.task))
     else:
-        save_gif(decoded, real, str(prefix) + ".gif")
+        figures.dream_gif(decoded, real, str(prefix) + ".gif")
     print(f"shifted ctx[{dim}] (sigma {sigma[dim]:.3f}) by m in {list(cmd.shifts)}; wrote {prefix}.{'png' if agent.spaces.image is None else 'gif'}")
     return {"dim": dim, "sigma": float(sigma[dim]), "decoded": decoded}
-
-
-def plot_features(decoded: np.ndarray, real: np.ndarray, shifts, title: str, path: str, names: list[str] | None = None) -> None:
-    """One panel per observation feature: the real continuation and the dream for every shift m."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    O = decoded.shape[-1]
-    cols = min(4, O)
-    fig, axes = plt.subplots((O + cols - 1) // cols, cols, figsize=(3.2 * cols, 2.4 * ((O + cols - 1) // cols)), squeeze=False)
-    colors = plt.cm.coolwarm(np.linspace(0, 1, len(shifts)))
-    for i, ax in enumerate(axes.flat):
-        if i >= O:
-            ax.axis("off")
-            continue
-        ax.plot(real[:, i], color="k", lw=2, label="real")
-        for m, c, d in zip(shifts, colors, decoded):
-            ax.plot(d[:, i], color=c, lw=1, ls="-" if m else "--", label=f"m = {m:g}")
-        ax.set_title(names[i] if names else f"obs[{i}]", fontsize=9)
-    axes.flat[0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.supxlabel("imagined step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def save_gif(decoded: np.ndarray, real: np.ndarray, path: str) -> None:
-    """Frames: the real continuation, then each counterfactual, side by side. decoded (M, L, H, W, 3) in [0, 1]."""
-    from PIL import Image
-
-    frames = []
-    for t in range(decoded.shape[1]):
-        row = [real[min(t, len(real) - 1)]] + [(d[t] * 255).astype(np.uint8) for d in decoded]
-        frames.append(Image.fromarray(np.concatenate(row, 1)).resize((64 * len(row) * 2, 128), Image.NEAREST))
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
 
 
 def plausibility_main(cmd: Plausibility) -> dict:

@@ -32,6 +32,7 @@ import tyro
 from tqdm import tqdm
 
 import envs
+import figures
 from dali import Agent
 from scores import METRICS, improvement_with_ci, metric_with_ci
 
@@ -218,41 +219,6 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: str) -> None:
-    """IQM bars with 95% CIs per regime, and P(X > Y) with CIs over all contexts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    regimes = list(summary["metrics"])
-    methods = list(summary["metrics"][regimes[0]])
-    colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
-    top = max(v["IQM"]["ci"][1] for reg in regimes for v in summary["metrics"][reg].values())
-    xmax = 1.0 if top > 0.5 else max(0.05, 1.2 * top)  # weak agents: zoom in rather than show empty bars
-    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(3.0 * (len(regimes) + 1) + 1, 0.5 * len(methods) + 1.8))
-    for ax, reg in zip(axes, regimes):
-        for i, m in enumerate(methods):
-            v = summary["metrics"][reg][m]["IQM"]
-            ax.barh(i, v["value"], color=colors[m], alpha=0.75)
-            ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], color="k", capsize=3)
-        ax.set_yticks(range(len(methods)), methods if ax is axes[0] else [""] * len(methods))
-        ax.set_xlim(0, xmax)
-        ax.set_title(reg)
-        ax.set_xlabel("IQM normalised score")
-    ax, pairs = axes[-1], summary["improvement"].get("all", {})
-    for i, (pair, v) in enumerate(pairs.items()):
-        ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], fmt="o", color=colors[pair.split(" > ")[0]], capsize=3)
-    ax.axvline(0.5, color="gray", ls="--", lw=1)
-    ax.set_yticks(range(len(pairs)), [p.replace(" > ", " > \n") for p in pairs], fontsize=7)
-    ax.set_xlim(0, 1)
-    ax.set_title("P(X > Y), all contexts")
-    fig.suptitle(f"{summary['task']}, {summary['setting']}: zero-shot, {summary['seeds']} seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------------------------
@@ -335,7 +301,7 @@ def aggregate_main(cmd: Aggregate) -> dict:
     summary = aggregate([read_results(f) for f in cmd.files], cmd.reps, cmd.seed, cmd.random_return, cmd.expert_return)
     print(format_table(summary))
     Path(cmd.out + ".json").write_text(json.dumps(summary, indent=1))
-    plot(summary, cmd.out + ".png")
+    figures.zeroshot_figure(summary, cmd.out + ".png")
     print(f"wrote {cmd.out}.json and {cmd.out}.png")
     return summary
 

@@ -955,3 +955,15 @@ def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path):
         counterfactual.main(["probe", "--checkpoint", str(none_run / "ckpt.pt"), *CF_FLAGS])
     with pytest.raises(SystemExit, match="'friction' is not a context feature of ball_in_cup"):
         counterfactual.main(["dream", "--checkpoint", str(tiny_dali_run), "--feature", "friction", "--start", "8", "--horizon", "6", *CF_FLAGS])
+
+
+def test_dream_gif_has_one_frame_per_step_with_real_and_counterfactuals_side_by_side(tmp_path):
+    from PIL import Image
+
+    import figures
+
+    decoded = np.random.default_rng(0).uniform(0, 1, size=(3, 5, 64, 64, 3))  # M = 3 shifts, 5 steps
+    real = np.zeros((5, 64, 64, 3), np.uint8)
+    figures.dream_gif(decoded, real, str(tmp_path / "d.gif"))
+    gif = Image.open(tmp_path / "d.gif")
+    assert gif.n_frames == 5 and gif.size == (64 * 4 * 2, 128)  # real + 3 counterfactuals, upscaled 2x

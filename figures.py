@@ -1,0 +1,83 @@
+"""The figures of evaluate.py and counterfactual.py: the paper's zero-shot panel (IQM bars per regime with
+95% CIs, and a probability-of-improvement panel; DALI Sec. 6, after Agarwal et al. 2021) and the
+counterfactual dreams (DALI Sec. 6.3): decoded features over time, or side-by-side frames as a GIF.
+Matplotlib is imported on first use (train.py imports evaluate.py and should not pay for it) and draws
+off-screen (Agg), so no display is needed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def zeroshot_figure(summary: dict, path: str) -> None:
+    """IQM bars with 95% CIs per regime, and P(X > Y) with CIs over all contexts."""
+    plt = _pyplot()
+    regimes = list(summary["metrics"])
+    methods = list(summary["metrics"][regimes[0]])
+    colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    top = max(v["IQM"]["ci"][1] for reg in regimes for v in summary["metrics"][reg].values())
+    xmax = 1.0 if top > 0.5 else max(0.05, 1.2 * top)  # weak agents: zoom in rather than show empty bars
+    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(3.0 * (len(regimes) + 1) + 1, 0.5 * len(methods) + 1.8))
+    for ax, reg in zip(axes, regimes):
+        for i, m in enumerate(methods):
+            v = summary["metrics"][reg][m]["IQM"]
+            ax.barh(i, v["value"], color=colors[m], alpha=0.75)
+            ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], color="k", capsize=3)
+        ax.set_yticks(range(len(methods)), methods if ax is axes[0] else [""] * len(methods))
+        ax.set_xlim(0, xmax)
+        ax.set_title(reg)
+        ax.set_xlabel("IQM normalised score")
+    ax, pairs = axes[-1], summary["improvement"].get("all", {})
+    for i, (pair, v) in enumerate(pairs.items()):
+        ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], fmt="o", color=colors[pair.split(" > ")[0]], capsize=3)
+    ax.axvline(0.5, color="gray", ls="--", lw=1)
+    ax.set_yticks(range(len(pairs)), [p.replace(" > ", " > \n") for p in pairs], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_title("P(X > Y), all contexts")
+    fig.suptitle(f"{summary['task']}, {summary['setting']}: zero-shot, {summary['seeds']} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def dream_figure(decoded: np.ndarray, real: np.ndarray, shifts, title: str, path: str, names: list[str] | None = None) -> None:
+    """One panel per observation feature: the real continuation and the dream for every shift m."""
+    plt = _pyplot()
+    O = decoded.shape[-1]
+    cols = min(4, O)
+    fig, axes = plt.subplots((O + cols - 1) // cols, cols, figsize=(3.2 * cols, 2.4 * ((O + cols - 1) // cols)), squeeze=False)
+    colors = plt.cm.coolwarm(np.linspace(0, 1, len(shifts)))
+    for i, ax in enumerate(axes.flat):
+        if i >= O:
+            ax.axis("off")
+            continue
+        ax.plot(real[:, i], color="k", lw=2, label="real")
+        for m, c, d in zip(shifts, colors, decoded):
+            ax.plot(d[:, i], color=c, lw=1, ls="-" if m else "--", label=f"m = {m:g}")
+        ax.set_title(names[i] if names else f"obs[{i}]", fontsize=9)
+    axes.flat[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.supxlabel("imagined step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def dream_gif(decoded: np.ndarray, real: np.ndarray, path: str) -> None:
+    """Frames: the real continuation, then each counterfactual, side by side. decoded (M, L, H, W, 3) in [0, 1]."""
+    from PIL import Image
+
+    frames = []
+    for t in range(decoded.shape[1]):
+        row = [real[min(t, len(real) - 1)]] + [(d[t] * 255).astype(np.uint8) for d in decoded]
+        frames.append(Image.fromarray(np.concatenate(row, 1)).resize((64 * len(row) * 2, 128), Image.NEAREST))
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
