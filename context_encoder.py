@@ -102,8 +102,7 @@ class ContextEncoder(nn.Module):
         return mask.flatten(0, 1)  # (B * heads, L, L)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-token layers: (..., D_token) -> (..., U). They see one token each, so acting embeds every
-        transition once and keeps the result in its window."""
+        """Per-token layers: (..., D_token) -> (..., U)."""
         x = self.embed(tokens)
         return x + self.token_mlp(x)
 
@@ -120,11 +119,13 @@ class ContextEncoder(nn.Module):
         ctx = self._readout(pooled)  # (B, L, X)
         return torch.where(valid[..., None], ctx, self.empty.expand_as(ctx))
 
-    def encode_last(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The context of one window per row, all of whose tokens lie in one episode: embedded tokens
-        x (N, K, U) oldest first, valid (N, K) -> (N, X). Equals the last row of `encode` (a test checks it)
-        at 1/K of its attention cost: acting needs only the newest window."""
+    def encode_last(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The context of one window per row, all of whose tokens lie in one episode: tokens (N, K, D_token)
+        oldest first, valid (N, K) -> (N, X). Equals the last row of `encode` (a test checks it) at 1/K of
+        its attention cost: acting needs only the newest window. Tokens are embedded with the current
+        weights at every call, since training updates g between acting steps."""
         N, K = valid.shape
+        x = self.embed_tokens(tokens)  # (N, K, U)
         allowed = valid.clone()
         allowed[:, -1] = True  # an invalid newest token means an empty window: no NaN, replaced below
         bias = self.position[:, :K].flip(-1)  # (heads, K): offsets K-1 .. 0
@@ -186,12 +187,12 @@ def cross_modal_loss(cross: CrossModal, ctx: torch.Tensor, stoch: torch.Tensor) 
 
 
 class ContextWindow:
-    """Acting-time window: the last K (embedded) tokens of each env's current episode, emptied at is_first."""
+    """Acting-time window: the last K tokens of each env's current episode, emptied at is_first."""
 
     def __init__(self, encoder: ContextEncoder, n: int, device):
-        K, U = encoder.cfg.window, encoder.cfg.units
+        K, D = encoder.cfg.window, encoder.token_size
         self.encoder = encoder
-        self.tokens = torch.zeros(n, K, U, device=device)  # embed_tokens(transition), oldest first
+        self.tokens = torch.zeros(n, K, D, device=device)  # transition tokens, oldest first
         self.valid = torch.zeros(n, K, dtype=torch.bool, device=device)
         self.prev_obs: torch.Tensor | None = None
 
@@ -199,7 +200,7 @@ class ContextWindow:
         """Add the transition (o_{t-1}, a_{t-1}, o_t) unless o_t starts an episode; return ctx_t (N, X)."""
         if self.prev_obs is None:
             self.prev_obs = obs
-        token = self.encoder.embed_tokens(transition_tokens(self.prev_obs, obs, prev_action, self.encoder.features))  # (N, U)
+        token = transition_tokens(self.prev_obs, obs, prev_action, self.encoder.features)  # (N, D)
         self.tokens = torch.cat([self.tokens[:, 1:], token[:, None]], 1)
         self.valid = torch.cat([self.valid[:, 1:] & ~is_first[:, None], ~is_first[:, None]], 1)
         self.prev_obs = obs

@@ -669,7 +669,7 @@ def test_encode_last_equals_last_row_of_full_encode():
     valid[3, -1] = False  # the newest observation starts an episode: empty window
     valid[4] = False
     full = enc.encode(tokens, valid, torch.zeros(5, K, dtype=torch.long))[:, -1]
-    last = enc.encode_last(enc.embed_tokens(tokens), valid)
+    last = enc.encode_last(tokens, valid)
     torch.testing.assert_close(last, full)
     assert torch.equal(last[3], enc.empty) and torch.equal(last[4], enc.empty)
 
@@ -687,6 +687,13 @@ def test_acting_window_equals_training_segment():
     for t in range(L):
         acted = window.update(obs[:, t], action[:, t], is_first[:, t])
         torch.testing.assert_close(acted, ctx[:, t], rtol=1e-5, atol=1e-5)
+    # Training updates g between acting steps: the window's ctx must use the current weights throughout.
+    with torch.no_grad():
+        enc.embed[0].weight.mul_(1.5)
+    obs2, action2 = torch.cat([obs, torch.randn(2, 1, 3)], 1), torch.cat([action, torch.randn(2, 1, 2)], 1)
+    acted = window.update(obs2[:, L], action2[:, L], torch.zeros(2, dtype=torch.bool))
+    fresh, _ = enc.segment(obs2, action2, torch.cat([is_first, torch.zeros(2, 1, dtype=torch.bool)], 1))
+    torch.testing.assert_close(acted, fresh[:, L], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("integration", ["shallow", "deep"])
