@@ -21,6 +21,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dali  # noqa: E402
 import envs  # noqa: E402
+from counterfactual import linear_r2  # noqa: E402
 from context_encoder import ContextEncoder, ContextEncoderConfig, forward_dynamics_loss  # noqa: E402
 from rssm import RSSMConfig  # noqa: E402
 
@@ -50,12 +51,6 @@ class Args:
     """Seed of contexts, envs and training."""
 
 
-def r2_linear(xtr, ytr, xte, yte):
-    fit = lambda x: torch.cat([x, torch.ones(len(x), 1)], 1)  # noqa: E731
-    pred = fit(xte) @ torch.linalg.lstsq(fit(xtr), ytr).solution
-    return (1 - ((pred - yte) ** 2).sum(0) / ((yte - yte.mean(0)) ** 2).sum(0)).tolist()
-
-
 def r2_mlp(xtr, ytr, xte, yte):
     torch.manual_seed(0)
     m, s = xtr.mean(0), xtr.std(0) + 1e-6
@@ -74,7 +69,7 @@ def probe(features: torch.Tensor, ctx_true: torch.Tensor, n_train: int):
     y = ctx_true[:, None].expand(-1, features.shape[1], -1)
     split = lambda a: (a[:n_train].flatten(0, 1), a[n_train:].flatten(0, 1))  # noqa: E731
     (xtr, xte), (ytr, yte) = split(features), split(y)
-    return r2_linear(xtr, ytr, xte, yte), r2_mlp(xtr, ytr, xte, yte)
+    return linear_r2(*(a.double().numpy() for a in (xtr, ytr, xte, yte))).tolist(), r2_mlp(xtr, ytr, xte, yte)
 
 
 def train_encoder(K, obs, actions, n_train, probe_steps, seconds):
