@@ -1,6 +1,7 @@
 """The figures of evaluate.py and counterfactual.py: the paper's zero-shot panel (IQM bars per regime with
 95% CIs, and a probability-of-improvement panel; DALI Sec. 6, after Agarwal et al. 2021) and the
-counterfactual dreams (DALI Sec. 6.3): decoded features over time, or side-by-side frames as a GIF.
+counterfactual dreams (DALI Sec. 6.3): decoded features over time, or side-by-side frames as a GIF; and
+the learning curves of benchmarks/learning_curve.py.
 Matplotlib is imported on first use (train.py imports evaluate.py and should not pay for it) and draws
 off-screen (Agg), so no display is needed."""
 
@@ -81,3 +82,23 @@ def dream_gif(decoded: np.ndarray, real: np.ndarray, path: str) -> None:
         row = [real[min(t, len(real) - 1)]] + [(d[t] * 255).astype(np.uint8) for d in decoded]
         frames.append(Image.fromarray(np.concatenate(row, 1)).resize((64 * len(row) * 2, 128), Image.NEAREST))
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
+
+
+def learning_curves(curves: dict[str, dict[str, np.ndarray]], threshold: float, title: str, path: str) -> None:
+    """Evaluation return against env steps and against wall-clock hours, one line per run:
+    curves[label] = {"steps": (N,), "hours": (N,), "return": (N,)}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for label, c in curves.items():
+        for ax, x in zip(axes, (c["steps"] / 1000, c["hours"])):
+            ax.plot(x, c["return"], marker="o", ms=3, label=label)
+    for ax, xlabel in zip(axes, ("env steps (thousands)", "wall-clock hours")):
+        ax.axhline(threshold, color="gray", ls="--", lw=1)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("evaluation return")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

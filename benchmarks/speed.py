@@ -129,7 +129,7 @@ def phases(agent: Agent, batch: dict) -> dict[str, float]:
     return t
 
 
-def build(size: str, obs: str, args: Args) -> Agent:
+def build(size: str, obs: str, args: Args) -> tuple[Agent, train.Args]:
     run = train.cli(["--size", size, "--task", args.task, "--obs", obs, "--context", args.context, *args.flags.split()])
     return train.build_agent(run, envs.make_env(args.task, obs), "cpu"), run
 
