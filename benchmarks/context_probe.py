@@ -5,8 +5,11 @@ vary); train the context encoder g by L_FD alone for a fixed time per window len
 ctx_t to the true normalised context on training episodes and report R^2 on held-out episodes (linear
 probe, and a small MLP probe beside it). Next to it, the same probes on the deterministic RSSM state h_t
 of a DreamerV3 world model trained for the same time on the same data (h_t sees the whole episode so far).
+With --ceiling (default), two measures of what the data allow: the largest-K encoder trained to regress
+the true context (the best any g of this shape does on these episodes), and the ratio of f's held-out
+L_FD given the true context to that given none.
 
-Run by hand (about 2 x 5 x --seconds plus collection):
+Run by hand (about 2 x 7 x --seconds plus collection):
     python benchmarks/context_probe.py --seconds 120
 """
 
@@ -45,6 +48,10 @@ class Args:
     """Spacing of the probe steps."""
     rssm: bool = True
     """Also probe the RSSM state h_t."""
+    ceiling: bool = True
+    """Also measure what the data allow at the largest K: the same encoder trained to regress the true
+    context (supervised, a ceiling for L_FD's encoder), and how much knowing the true context lowers the
+    held-out L_FD of f (the signal L_FD can give g)."""
     threads: int = 2
     """torch threads."""
     seed: int = 0
@@ -72,7 +79,9 @@ def probe(features: torch.Tensor, ctx_true: torch.Tensor, n_train: int):
     return linear_r2(*(a.double().numpy() for a in (xtr, ytr, xte, yte))).tolist(), r2_mlp(xtr, ytr, xte, yte)
 
 
-def train_encoder(K, obs, actions, n_train, probe_steps, seconds):
+def train_encoder(K, obs, actions, n_train, probe_steps, seconds, ctx_true=None):
+    """Train g (and f) by L_FD for `seconds`; with `ctx_true` (E, F), train g instead to regress the true
+    context in its first F dims (the supervised ceiling). Returns ctx at the probe steps (E, P, X)."""
     L = K + 32
     enc = ContextEncoder(ContextEncoderConfig(window=K), obs.shape[-1], actions.shape[-1])
     opt = torch.optim.Adam(enc.parameters(), enc.cfg.lr)
@@ -82,13 +91,35 @@ def train_encoder(K, obs, actions, n_train, probe_steps, seconds):
         steps = torch.randint(0, S + 1 - L, (32,))[:, None] + torch.arange(L)
         o, a = obs[idx[:, None], steps], actions[idx[:, None], steps]
         ctx, valid = enc.segment(o, a, torch.zeros(32, L, dtype=torch.bool))
-        loss = forward_dynamics_loss(enc, o[:, :-1], o[:, 1:], a[:, 1:], ctx[:, :-1], valid).mean()
+        if ctx_true is None:
+            loss = forward_dynamics_loss(enc, o[:, :-1], o[:, 1:], a[:, 1:], ctx[:, :-1], valid).mean()
+        else:  # full windows only: the last L - K steps
+            loss = ((ctx[:, K:, : ctx_true.shape[1]] - ctx_true[idx, None]) ** 2).mean()
         opt.zero_grad(), loss.backward(), opt.step()
         its += 1
     with torch.no_grad():
         zeros = torch.zeros(len(obs), K + 1, dtype=torch.bool)
         ctx = torch.stack([enc.segment(obs[:, max(0, t - K) : t + 1], actions[:, max(0, t - K) : t + 1], zeros[:, : t + 1])[0][:, -1] for t in probe_steps], 1)
     return ctx, its, loss.item()
+
+
+def fd_gain(obs, actions, ctx_true, n_train, seconds):
+    """Held-out L_FD of f given the true context, relative to f given none (both trained `seconds / 2`):
+    below 1 by as much as the context helps predict o_{t+1}, the only signal L_FD gives g."""
+    losses = []
+    for known in (False, True):
+        torch.manual_seed(0)
+        f = ContextEncoder(ContextEncoderConfig(dim=ctx_true.shape[1]), obs.shape[-1], actions.shape[-1])
+        opt = torch.optim.Adam(f.forward_model.parameters(), f.cfg.lr)
+        c = ctx_true[:, None].expand(-1, obs.shape[1] - 1, -1) * float(known)  # (E, S, F)
+        fd = lambda e: forward_dynamics_loss(f, obs[e, :-1], obs[e, 1:], actions[e, 1:], c[e], torch.ones(c[e].shape[:-1]))  # noqa: E731
+        start = time.time()
+        while time.time() - start < seconds / 2:
+            loss = fd(torch.randint(0, n_train, (32,))).mean()
+            opt.zero_grad(), loss.backward(), opt.step()
+        with torch.no_grad():
+            losses.append(fd(torch.arange(n_train, len(obs))).mean().item())
+    return losses[1] / losses[0]
 
 
 def train_world_model(obs, actions, n_train, probe_steps, seconds):
@@ -115,7 +146,7 @@ def train_world_model(obs, actions, n_train, probe_steps, seconds):
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, gains = [], []
     for task in args.tasks:
         torch.manual_seed(args.seed)
         obs, actions, ctx_true = map(torch.tensor, envs.random_rollouts(task, "double_box", args.episodes, args.steps, args.seed))
@@ -127,6 +158,13 @@ def main(args: Args) -> None:
             lin, mlp = probe(ctx, ctx_true, n_train)
             rows.append((f"{task} ({names[0]}, {names[1]})", f"ctx, K={K}", its, lin, mlp))
             print(task, K, its, f"fd {fd:.4f}", lin, mlp, flush=True)
+        if args.ceiling:
+            K = max(args.windows)
+            ctx, its, _ = train_encoder(K, obs, actions, n_train, probe_steps, args.seconds, ctx_true)
+            lin, mlp = probe(ctx, ctx_true, n_train)
+            rows.append((f"{task} ({names[0]}, {names[1]})", f"ctx, K={K}, supervised by the true context (ceiling)", its, lin, mlp))
+            gains.append((task, fd_gain(obs, actions, ctx_true, n_train, args.seconds)))
+            print(task, "ceiling", its, lin, mlp, "fd ratio", gains[-1][1], flush=True)
         if args.rssm:
             h, its = train_world_model(obs, actions, n_train, probe_steps, args.seconds)
             lin, mlp = probe(h, ctx_true, n_train)
@@ -138,6 +176,8 @@ def main(args: Args) -> None:
     print("|---|---|---|" + "---|" * 4)
     for task, what, its, lin, mlp in rows:
         print(f"| {task} | {what} | {its} | {lin[0]:.2f} | {mlp[0]:.2f} | {lin[1]:.2f} | {mlp[1]:.2f} |")
+    for task, ratio in gains:
+        print(f"{task}: held-out L_FD of f given the true context / given none = {ratio:.3f}")
 
 
 if __name__ == "__main__":
