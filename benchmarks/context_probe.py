@@ -1,7 +1,7 @@
 """How well does the context vector encode the true physics? (DALI Sec. 5, the O(K) vs O(T) argument)
 
-For each task: collect random-policy episodes under the 100 `double_box` training contexts (both features
-vary); train the context encoder g by L_FD alone for a fixed time per window length K; fit probes from
+For each task: collect random-policy episodes under the 100 training contexts of --setting (default
+`double_box`: both features vary; `single_0`: gravity alone); train the context encoder g by L_FD alone for a fixed time per window length K; fit probes from
 ctx_t to the true normalised context on training episodes and report R^2 on held-out episodes (linear
 probe, and a small MLP probe beside it). Next to it, the same probes on the deterministic RSSM state h_t
 of a DreamerV3 world model trained for the same time on the same data (h_t sees the whole episode so far).
@@ -13,6 +13,7 @@ Run by hand (about 2 x 7 x --seconds plus collection):
     python benchmarks/context_probe.py --seconds 120
 """
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ class Args:
     """torch threads."""
     seed: int = 0
     """Seed of contexts, envs and training."""
+    setting: str = "double_box"
+    """Training contexts the episodes are drawn from (envs.train_contexts); a feature held at its default
+    gets no R^2 ("-")."""
 
 
 def r2_mlp(xtr, ytr, xte, yte):
@@ -149,7 +153,7 @@ def main(args: Args) -> None:
     rows, gains = [], []
     for task in args.tasks:
         torch.manual_seed(args.seed)
-        obs, actions, ctx_true = map(torch.tensor, envs.random_rollouts(task, "double_box", args.episodes, args.steps, args.seed))
+        obs, actions, ctx_true = map(torch.tensor, envs.random_rollouts(task, args.setting, args.episodes, args.steps, args.seed))
         names = list(envs.CONTEXT_FEATURES[task])
         n_train = args.episodes * 3 // 4
         probe_steps = range(args.probe_from or max(args.windows) + 1, args.steps + 1, args.probe_every)
@@ -170,12 +174,13 @@ def main(args: Args) -> None:
             lin, mlp = probe(h, ctx_true, n_train)
             rows.append((f"{task} ({names[0]}, {names[1]})", "RSSM h_t (whole episode)", its, lin, mlp))
             print(task, "h", its, lin, mlp, flush=True)
-    print(f"\nProbe R^2 on held-out episodes ({args.seconds:.0f} s of training each, random policy, double_box contexts, "
+    print(f"\nProbe R^2 on held-out episodes ({args.seconds:.0f} s of training each, random policy, {args.setting} contexts, "
           f"probe steps {list(probe_steps)})\n")
     print("| task (feature 0, feature 1) | input | updates | " + " | ".join(f"{f} linear | {f} MLP" for f in ("feature 0", "feature 1")) + " |")
     print("|---|---|---|" + "---|" * 4)
     for task, what, its, lin, mlp in rows:
-        print(f"| {task} | {what} | {its} | {lin[0]:.2f} | {mlp[0]:.2f} | {lin[1]:.2f} | {mlp[1]:.2f} |")
+        r2 = " | ".join(f"{v:.2f}" if math.isfinite(v) else "-" for v in (lin[0], mlp[0], lin[1], mlp[1]))
+        print(f"| {task} | {what} | {its} | {r2} |")
     for task, ratio in gains:
         print(f"{task}: held-out L_FD of f given the true context / given none = {ratio:.3f}")
 
