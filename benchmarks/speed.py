@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py                        # cpu and xs presets, features and pixels
     python benchmarks/speed.py --sizes cpu xs s --threads 2
-    python benchmarks/speed.py --sizes cpu --obs features --flags="--imag-starts 0 --rssm.classes 4"
+    python benchmarks/speed.py --sizes cpu --obs features --flags "" imag-starts=128 "rssm.classes=4 imag-starts=128"
 
 In one run it measures:
   1. fp32 matmul throughput at the shapes the update uses (the observe loop runs at batch B = 16 rows,
@@ -46,8 +46,10 @@ class Args:
     """Timed updates per configuration (after 2 warm-up updates)."""
     task: str = "ball_in_cup"
     """Task whose observation and action sizes are used."""
-    flags: str = ""
-    """Extra train.py flags for the timed agents, e.g. --flags="--imag-starts 0 --rssm.classes 4"."""
+    flags: tuple[str, ...] = ("",)
+    """Variants to time one after another in this run, each a space-separated string of train.py flags
+    written without their leading dashes, e.g. --flags "" imag-starts=128 (the preset, then the preset
+    with 128 imagination starts)."""
     acting: bool = True
     """Also time the acting loop."""
 
@@ -129,15 +131,15 @@ def phases(agent: Agent, batch: dict) -> dict[str, float]:
     return t
 
 
-def build(size: str, obs: str, args: Args) -> tuple[Agent, train.Args]:
-    run = train.cli(["--size", size, "--task", args.task, "--obs", obs, "--context", args.context, *args.flags.split()])
+def build(size: str, obs: str, args: Args, flags: str = "") -> tuple[Agent, train.Args]:
+    run = train.cli(["--size", size, "--task", args.task, "--obs", obs, "--context", args.context, *("--" + flag for flag in flags.split())])
     return train.build_agent(run, envs.make_env(args.task, obs), "cpu"), run
 
 
-def time_update(size: str, obs: str, args: Args, peak: float) -> None:
+def time_update(size: str, obs: str, args: Args, peak: float, flags: str) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    agent, run = build(size, obs, args)
+    agent, run = build(size, obs, args, flags)
     batch = fake_batch(agent, run.batch_size, run.batch_length)
     for _ in range(2):
         agent.update(batch)
@@ -153,7 +155,7 @@ def time_update(size: str, obs: str, args: Args, peak: float) -> None:
     split = [phases(agent, batch) for _ in range(2)]
     split = {k: float(np.median([s[k] for s in split])) for k in split[0]}
     gf = flops / sec / 1e9
-    print(f"\n{size} {obs}: {sec:.3f} s/update (median of {args.reps}), {flops / 1e9:.1f} GFLOP, {gf:.1f} GFLOP/s = {gf / peak:.0%} of matmul peak")
+    print(f"\n{size} {obs} {flags!r}: {sec:.3f} s/update (median of {args.reps}), {flops / 1e9:.1f} GFLOP, {gf:.1f} GFLOP/s = {gf / peak:.0%} of matmul peak")
     for k, v in split.items():
         print(f"    {k:<32} {v:7.3f} s")
 
@@ -185,7 +187,8 @@ def main(args: Args) -> None:
         print(f"    {name:<40} {g:7.1f} GFLOP/s")
     for size in args.sizes:
         for obs in args.obs:
-            time_update(size, obs, args, peak)
+            for flags in args.flags:
+                time_update(size, obs, args, peak, flags)
     print("\nacting loop (cpu preset, 4 envs, sampled actions):")
     for obs in args.obs if args.acting else ():
         print(f"    {obs:<9} {time_acting(obs, args):7.0f} env steps/s")
