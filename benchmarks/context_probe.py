@@ -1,15 +1,16 @@
 """How well does the context vector encode the true physics? (DALI Sec. 5, the O(K) vs O(T) argument)
 
 For each task: collect random-policy episodes under the 100 training contexts of --setting (default
-`double_box`: both features vary; `single_0`: gravity alone); train the context encoder g by L_FD alone for a fixed time per window length K; fit probes from
-ctx_t to the true normalised context on training episodes and report R^2 on held-out episodes (linear
-probe, and a small MLP probe beside it). Next to it, the same probes on the deterministic RSSM state h_t
-of a DreamerV3 world model trained for the same time on the same data (h_t sees the whole episode so far).
+`double_box`: both features vary; `single_0`: gravity alone); train the context encoder g by L_FD alone
+for a fixed time per window length K; fit probes from ctx_t to the true normalised context on training
+episodes and report R^2 on held-out episodes (linear probe, and a small MLP probe beside it). Next to it,
+the same probes on the deterministic RSSM state h_t of a DreamerV3 world model trained for the same time
+on the same data (h_t sees the whole episode so far).
 With --ceiling (default), two measures of what the data allow: the largest-K encoder trained to regress
 the true context (the best any g of this shape does on these episodes), and the ratio of f's held-out
 L_FD given the true context to that given none.
 
-Run by hand (about 2 x 7 x --seconds plus collection):
+Run by hand (per task, about (number of K + 3) x --seconds plus collection):
     python benchmarks/context_probe.py --seconds 120
 """
 
