@@ -140,6 +140,32 @@ def lambda_return(reward: torch.Tensor, disc: torch.Tensor, value: torch.Tensor,
     return torch.stack(out[::-1])
 
 
+def clip_action(action: torch.Tensor) -> torch.Tensor:
+    """DreamerV3 (2023 code, action_clip 1): scale imagined actions into [-1, 1] by a * sg(1 / max(1, |a|)),
+    so the world model only sees actions of the range it was trained on, and the gradient keeps flowing."""
+    return action * (1.0 / action.abs().clamp(min=1.0)).detach()
+
+
+def imagination_weights(start_cont: torch.Tensor, disc: torch.Tensor) -> torch.Tensor:
+    """Loss weight of imagined steps 0..H-1, the probability of still being in the episode: w_0 = c_0 (0 for a
+    terminal start state), w_t = w_{t-1} gamma c_t. start_cont (N,), disc = gamma * continue of steps 1..H
+    (H, N) -> (H, N), without gradient (the 2023 code's sg(cumprod(gamma c) / gamma))."""
+    return torch.cumprod(torch.cat([start_cont[None], disc[:-1]]), 0).detach()
+
+
+def actor_loss(ret: torch.Tensor, value: torch.Tensor, scale: torch.Tensor, entropy: torch.Tensor, weight: torch.Tensor, eta: float) -> torch.Tensor:
+    """DreamerV3 eq. 11 with the backprop estimator for continuous actions: -w ((R_t - v(s_t)) / S + eta H[pi(s_t)]).
+    R_t carries the gradient through the dynamics; the baseline v(s_t) keeps its gradient too, as in the 2023
+    code (ImagActorCritic.loss); S is a constant (ReturnNorm). All (H, N) -> (H, N)."""
+    return -weight * ((ret - value) / scale + eta * entropy)
+
+
+def critic_loss(logits: torch.Tensor, ret: torch.Tensor, slow_value: torch.Tensor, weight: torch.Tensor, reg: float, bins: torch.Tensor) -> torch.Tensor:
+    """DreamerV3 eq. 10: two-hot cross-entropy of the critic towards sg(R_t), plus `reg` times the same towards the
+    slow critic's value (the regulariser). logits (H, N, K), ret, slow_value, weight (H, N) -> (H, N)."""
+    return weight * (twohot_loss(logits, ret.detach(), bins) + reg * twohot_loss(logits, slow_value.detach(), bins))
+
+
 class ReturnNorm(nn.Module):
     """DreamerV3 eq. 11: S = max(1, EMA(P95(R)) - EMA(P5(R))); advantages are divided by S."""
 
@@ -368,7 +394,7 @@ class Agent(nn.Module):
             # and the (frozen) dynamics: DreamerV3's backprop estimator for continuous actions.
             dist = self.actor(self._with_ctx(self.rssm.feat(state).detach(), head_ctx))
             entropies.append(dist.entropy().sum(-1))
-            return dist.rsample()
+            return clip_action(dist.rsample())
 
         frozen = [self.world_model, self.critic]
         for m in frozen:
@@ -377,24 +403,21 @@ class Agent(nn.Module):
             states, _ = self.rssm.imagine(start, policy, cfg.horizon, head_ctx)  # (H+1, N, ...)
             feat = self._with_ctx(self.rssm.feat(states), None if head_ctx is None else head_ctx.expand(cfg.horizon + 1, -1, -1))
             reward = twohot_mean(self.reward_head(feat[1:]), self.bins)  # (H, N)
-            cont = torch.sigmoid(self.cont_head(feat[1:]).squeeze(-1))  # (H, N)
+            cont = (self.cont_head(feat[1:]).squeeze(-1) > 0).to(feat.dtype)  # (H, N): the Bernoulli's mode
             value = twohot_mean(self.critic(feat), self.bins)  # (H+1, N)
         finally:
             for m in frozen:
                 m.requires_grad_(True)
         gamma = 1.0 - 1.0 / cfg.return_horizon
         ret = lambda_return(reward, gamma * cont, value, cfg.lam)  # (H, N)
-        weight = torch.cumprod(torch.cat([start_cont[None], gamma * cont[:-1]]), 0).detach()  # (H, N)
+        weight = imagination_weights(start_cont, gamma * cont)  # (H, N)
         scale = self.retnorm(ret)
-        advantage = (ret - value[:-1].detach()) / scale
         entropy = torch.stack(entropies[:-1])  # (H, N)
-        losses = {"actor": -weight * (advantage + cfg.entropy * entropy)}
+        losses = {"actor": actor_loss(ret, value[:-1], scale, entropy, weight, cfg.entropy)}
         # Critic: fit the online critic's lambda-returns, regularised towards the slow critic.
         feat = feat[:-1].detach()
-        logits = self.critic(feat)
         slow = twohot_mean(self.slow_critic(feat), self.bins)
-        target = ret.detach()
-        losses["critic"] = weight * (twohot_loss(logits, target, self.bins) + cfg.slow_critic_reg * twohot_loss(logits, slow, self.bins))
+        losses["critic"] = critic_loss(self.critic(feat), ret, slow, weight, cfg.slow_critic_reg, self.bins)
         metrics = {"ac/return": ret.mean(), "ac/return_scale": scale, "ac/entropy": entropy.mean(), "ac/imag_reward": reward.mean()}
         return losses, metrics
 

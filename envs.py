@@ -183,13 +183,15 @@ class ContextualDMC:
         return self._pre_reset_rng if self._pre_reset_rng is not None else self._current_rng()
 
     def set_rng_state(self, state: dict) -> None:
-        self._env.task.random.set_state(state["task"])
+        self._env.task.random.set_state(tuple(state["task"]))
         self._order_rng.bit_generator.state = state["order_rng"]
         self._order = list(state["order"])
 
     def _current_rng(self) -> dict:
         order_rng = self._order_rng.bit_generator.state
-        return {"task": self._env.task.random.get_state(), "order_rng": order_rng, "order": [int(i) for i in self._order]}
+        name, keys, pos, has_gauss, gauss = self._env.task.random.get_state()  # plain types: weights_only checkpoints
+        task = (name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss))
+        return {"task": task, "order_rng": order_rng, "order": [int(i) for i in self._order]}
 
     def reset(self, seed: int | None = None) -> tuple[dict, dict]:
         if seed is not None:

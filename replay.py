@@ -9,6 +9,7 @@ Record t holds o_t, a_{t-1}, r_t, is_first_t, is_terminal_t and the true context
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 class Replay:
@@ -47,11 +48,13 @@ class Replay:
         return {k: v[env[:, None], index] for k, v in self.data.items()}
 
     def state_dict(self) -> dict:
+        """Tensors and plain types only, so that checkpoints load with torch.load(weights_only=True)."""
         filled = int(min(self.count.max(), self.cap))  # the preallocated tail is empty: do not save it
-        return {"data": {k: v[:, :filled].copy() for k, v in self.data.items()}, "count": self.count.copy(), "rng": self.rng.bit_generator.state}
+        data = {k: torch.from_numpy(v[:, :filled].copy()) for k, v in self.data.items()}
+        return {"data": data, "count": torch.from_numpy(self.count.copy()), "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state["data"].items():
-            self.data[k][:, : v.shape[1]] = v
-        self.count[:] = state["count"]
+            self.data[k][:, : v.shape[1]] = v.numpy()
+        self.count[:] = state["count"].numpy()
         self.rng.bit_generator.state = state["rng"]

@@ -496,7 +496,7 @@ def test_agent_checkpoint_round_trip_reproduces_outputs(tmp_path):
     agent.update(_batch())
     train.save_checkpoint(tmp_path / "a.pt", {"agent": agent.state_dict()})
     clone = _agent("oracle", "deep")
-    clone.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=False)["agent"])
+    clone.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True)["agent"])
     b = _batch(seed=5)
     obs = {"obs": b["obs"][:, 0], "context": b["context"][:, 0], "is_first": b["is_first"][:, 0]}
     for model in (agent, clone):
@@ -568,8 +568,8 @@ def test_resume_reproduces_uninterrupted_training(tmp_path):
     half = train.cli([*TINY_FLAGS, "--steps", "3000", "--logdir", str(tmp_path / "half")])
     train.main(half)
     train.main(train.cli([*TINY_FLAGS, "--steps", "6000", "--logdir", str(tmp_path / "half"), "--resume"]))
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)
     same = lambda c: {k: v for k, v in c.items() if k != "seconds"}  # noqa: E731 (wall-clock is not reproducible)
     assert same(a["counters"]) == same(b["counters"]) and a["counters"]["updates"] > 20
     for k, v in a["agent"].items():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import random
 import sys
 import time
@@ -90,8 +91,11 @@ class Args:
     """Env steps between checkpoints (taken at the next episode boundary)."""
     resume: bool = False
     """Continue the run in --logdir from its ckpt.pt (replay, optimisers, counters, RNGs restored)."""
-    threads: int = 0
-    """torch CPU threads (0: one per core)."""
+    threads: int = 1
+    """torch CPU threads. 1 (the default) is robust when anything else runs on the machine (env workers,
+    another seed): with more threads than free cores, torch's spin-waiting threads slow an update 20-70x.
+    More pay only on an otherwise idle machine (docs/speed.md has the measurements);
+    0 takes one per core."""
     progress: bool = True
     """Show a progress bar on stderr."""
     agent: Annotated[AgentConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=AgentConfig)
@@ -143,7 +147,12 @@ def load_checkpoint(path: Path, args: Args | None = None) -> dict:
     if not path.is_file():
         raise SystemExit(f"error: no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint holds tensors and plain types only, so loading one never runs its code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(
+            f"error: checkpoint {path} holds objects other than tensors and plain types (refused: loading them could run code): {e}"
+        ) from None
     except Exception as e:  # truncated zip, garbage bytes, ...
         raise SystemExit(f"error: checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
@@ -154,6 +163,12 @@ def load_checkpoint(path: Path, args: Args | None = None) -> dict:
             if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k):
                 raise SystemExit(f"error: checkpoint {path} was trained with {k}={saved.get(k)!r}, this run asks {k}={new.get(k)!r}")
     return ckpt
+
+
+def _plain_numpy_state(state: tuple) -> tuple:
+    """np.random.get_state() with its key array as a list of ints (weights_only checkpoints)."""
+    name, keys, pos, has_gauss, gauss = state
+    return (name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -286,7 +301,7 @@ def main(args: Args) -> dict:
         c = {"seconds": 0.0, **ckpt["counters"]}  # "seconds" is absent from checkpoints written before it was added
         action_rng.bit_generator.state = ckpt["rng"]["action"]
         random.setstate(ckpt["rng"]["python"])
-        np.random.set_state(ckpt["rng"]["numpy"])
+        np.random.set_state(tuple(ckpt["rng"]["numpy"]))
         torch.set_rng_state(ckpt["rng"]["torch"])
         for env, state in zip(vec.envs, ckpt["rng"]["envs"]):
             env.set_rng_state(state)  # the envs replay the reset that followed the checkpoint's episode end
@@ -306,7 +321,7 @@ def main(args: Args) -> dict:
         rng = {
             "action": action_rng.bit_generator.state,
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": _plain_numpy_state(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "envs": [env.rng_state() for env in vec.envs],
         }
