@@ -31,7 +31,7 @@ import tyro
 
 import envs
 import figures
-import train
+from checkpoint import load_agent
 from dali import Agent
 from rssm import symexp
 
@@ -285,7 +285,7 @@ def load(src: Source) -> tuple:
         torch.set_num_threads(src.threads)
     torch.manual_seed(src.seed)  # the policy's sampled actions while recording
     device = torch.device("cuda" if src.device == "auto" and torch.cuda.is_available() else ("cpu" if src.device == "auto" else src.device))
-    args, agent, _ = train.load_agent(Path(src.checkpoint), device)
+    args, agent, _ = load_agent(Path(src.checkpoint), device)
     if args.agent.context != "learned":
         raise SystemExit(f"error: {src.checkpoint} is a --context {args.agent.context} agent; counterfactual.py needs --context learned")
     setting = src.setting or args.contexts

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import envs
 import figures
+from checkpoint import checkpoint_path, load_agent
 from dali import Agent
 from scores import METRICS, improvement_with_ci, metric_with_ci
 
@@ -229,13 +230,13 @@ class Run:
     """Evaluate a checkpoint zero-shot on every context of an evaluation grid."""
 
     checkpoint: str
-    """A train.py checkpoint (RUN/ckpt.pt)."""
+    """A train.py run directory or its checkpoint (RUN or RUN/ckpt.pt)."""
     setting: envs.Setting = "double_box"
     """Evaluation grid: single_0 / single_1 / double_box (contexts.eval_contexts), or default."""
     episodes: int = 10
     """Episodes per context."""
     out: str = ""
-    """Output JSON-lines file (default: zeroshot_<setting>.jsonl next to the checkpoint)."""
+    """Output JSON-lines file (default: zeroshot_<setting>.jsonl next to the checkpoint); folders are created."""
     method: str = ""
     """Method name in the output (default: from the checkpoint, e.g. DALI-S, Dreamer-DR)."""
     seed: int = 100_000
@@ -246,8 +247,8 @@ class Run:
     """Actions sampled from the policy (the DALI paper) or its mode."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when available."""
-    threads: int = 0
-    """torch CPU threads (0: one per core)."""
+    threads: int = 1
+    """torch CPU threads (1 is robust beside other jobs; 0: one per core)."""
     progress: bool = True
     """Show a progress bar on stderr."""
 
@@ -259,7 +260,7 @@ class Aggregate:
     files: tyro.conf.Positional[tuple[str, ...]]
     """Output files of `evaluate.py run`, one per (method, seed)."""
     out: str = "zeroshot"
-    """Writes OUT.json (every number) and OUT.png (the figure)."""
+    """Writes OUT.json (every number) and OUT.png (the figure); folders are created."""
     random_return: float = 0.0
     """Return of a random policy (score 0)."""
     expert_return: float = MAX_RETURN
@@ -270,20 +271,40 @@ class Aggregate:
     """Bootstrap seed."""
 
 
-def run(cmd: Run) -> list[dict]:
-    import train  # here, not at the top: train.py imports this module for its periodic evaluation
+def resolve_device(device: str) -> torch.device:
+    """--device auto|cpu|cuda -> a torch device, with a clear error where CUDA is asked for but missing."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: this torch build or machine has no CUDA device (use --device auto or cpu)")
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
 
+
+def writable_output(path: Path) -> Path:
+    """Create the parent folders of an output file and check that it can be written, before any work."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.with_name(path.name + ".probe")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {path} ({e.strerror})") from None
+    return path
+
+
+def run(cmd: Run) -> list[dict]:
     if cmd.episodes < 1:
         raise SystemExit(f"error: --episodes {cmd.episodes}: must be >= 1")
+    if cmd.threads < 0:
+        raise SystemExit(f"error: --threads {cmd.threads}: must be >= 0 (0: one per core)")
     if cmd.threads:
         torch.set_num_threads(cmd.threads)
-    device = torch.device("cuda" if cmd.device == "auto" and torch.cuda.is_available() else ("cpu" if cmd.device == "auto" else cmd.device))
-    args, agent, ckpt = train.load_agent(Path(cmd.checkpoint), device)
+    device = resolve_device(cmd.device)
+    path = checkpoint_path(cmd.checkpoint)
+    out = writable_output(Path(cmd.out) if cmd.out else path.parent / f"zeroshot_{cmd.setting}.jsonl")
+    args, agent, ckpt = load_agent(path, device)
     if cmd.setting != "default" and args.contexts not in ("default", cmd.setting):
         print(f"note: the agent trained on {args.contexts} contexts and is evaluated on the {cmd.setting} grid", file=sys.stderr)
     method = cmd.method or method_name(args.agent.context, args.agent.integration, args.ctx.cross_weight)
     rows = evaluate_grid(agent, args.task, args.obs, args.action_repeat, cmd.setting, cmd.episodes, cmd.seed, device, cmd.mode == "sample", cmd.batch, cmd.progress)
-    out = Path(cmd.out) if cmd.out else Path(cmd.checkpoint).parent / f"zeroshot_{cmd.setting}.jsonl"
     head = {"task": args.task, "setting": cmd.setting, "method": method, "seed": args.seed, "env_steps": ckpt["counters"]["env_steps"]}
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text("".join(json.dumps({**head, **row}) + "\n" for row in rows))
@@ -298,6 +319,8 @@ def run(cmd: Run) -> list[dict]:
 def aggregate_main(cmd: Aggregate) -> dict:
     if not cmd.files:
         raise SystemExit("error: give at least one results file")
+    for suffix in (".json", ".png"):
+        writable_output(Path(cmd.out + suffix))
     summary = aggregate([read_results(f) for f in cmd.files], cmd.reps, cmd.seed, cmd.random_return, cmd.expert_return)
     print(format_table(summary))
     Path(cmd.out + ".json").write_text(json.dumps(summary, indent=1))

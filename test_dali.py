@@ -320,6 +320,7 @@ import torch  # noqa: E402
 import context_encoder  # noqa: E402
 import dali  # noqa: E402
 import rssm  # noqa: E402
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 
 TINY_RSSM = rssm.RSSMConfig(deter=32, hidden=32, stoch=4, classes=4)
@@ -494,7 +495,7 @@ def test_agent_checkpoint_round_trip_reproduces_outputs(tmp_path):
     torch.manual_seed(0)
     agent = _agent("oracle", "deep")
     agent.update(_batch())
-    train.save_checkpoint(tmp_path / "a.pt", {"agent": agent.state_dict()})
+    checkpoint.save_checkpoint(tmp_path / "a.pt", {"agent": agent.state_dict()})
     clone = _agent("oracle", "deep")
     clone.load_state_dict(torch.load(tmp_path / "a.pt", weights_only=True)["agent"])
     b = _batch(seed=5)
@@ -547,12 +548,12 @@ def test_train_cli_end_to_end_writes_metrics_and_checkpoint(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4000 and {"wm/loss", "ac/actor_loss", "episode/return", "eval/return", "perf/fps"} <= rows[-1].keys()
     assert list(tmp_path.glob("events.out.tfevents.*"))
-    ckpt = train.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = checkpoint.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["counters"]["env_steps"] == 4000 and ckpt["counters"]["updates"] > 0
-    args = train.args_from_dict(json.loads((tmp_path / "args.json").read_text()))
+    args = checkpoint.args_from_dict(json.loads((tmp_path / "args.json").read_text()))
     assert args.agent.context == "oracle" and args.rssm.deter == 32
     env = envs.make_env(args.task)
-    train.build_agent(args, env).load_state_dict(ckpt["agent"])  # saved args rebuild the agent
+    checkpoint.build_agent(args, env).load_state_dict(ckpt["agent"])  # saved args rebuild the agent
 
 
 def test_size_presets_set_their_train_ratio_and_flags_override_it():
@@ -583,9 +584,9 @@ def test_bad_checkpoints_and_flags_fail_clearly_and_keep_the_good_checkpoint(tmp
     train.main(args)
     ckpt = tmp_path / "ckpt.pt"
     good = ckpt.read_bytes()
-    with pytest.raises(SystemExit, match="exists; pass --resume"):
+    with pytest.raises(SystemExit, match="holds a checkpoint; pass --resume"):
         train.main(args)
-    with pytest.raises(SystemExit, match="rssm.deter=32, this run asks rssm.deter=64"):
+    with pytest.raises(SystemExit, match="--rssm.deter: trained with 32, this run asks 64"):
         train.main(train.cli([*TINY_FLAGS, "--rssm.deter", "64", "--logdir", str(tmp_path), "--resume"]))
     with pytest.raises(SystemExit, match="oracle with --contexts default"):
         train.main(train.cli([*TINY_FLAGS, "--context", "oracle", "--contexts", "default", "--logdir", str(tmp_path / "x")]))
@@ -593,7 +594,7 @@ def test_bad_checkpoints_and_flags_fail_clearly_and_keep_the_good_checkpoint(tmp
         train.cli(["--size", "huge"])
     # a crash while writing leaves the previous checkpoint intact
     with pytest.raises(Exception):
-        train.save_checkpoint(ckpt, {"version": 1, "bad": lambda: None})  # unpicklable
+        checkpoint.save_checkpoint(ckpt, {"version": 1, "bad": lambda: None})  # unpicklable
     assert ckpt.read_bytes() == good
     # a truncated file is reported as corrupt, naming it
     ckpt.write_bytes(good[: len(good) // 2])
@@ -616,6 +617,91 @@ def test_signals_still_stop_the_process_after_carl_import():
             assert proc.wait(timeout=10) != 0
         finally:
             proc.kill()
+
+
+def test_resume_takes_the_runs_own_configuration_and_lists_every_conflict(tmp_path, capsys):
+    run = [*TINY_FLAGS, "--steps", "2000", "--context", "oracle", "--contexts", "single_0", "--rssm.deter", "24"]
+    train.main(train.cli([*run, "--logdir", str(tmp_path)]))
+    resumed = train.cli(["--logdir", str(tmp_path), "--resume", "--steps", "4000"])  # no other flag repeated
+    assert resumed.agent.context == "oracle" and resumed.rssm.deter == 24 and resumed.steps == 4000
+    bad = train.cli(["--logdir", str(tmp_path), "--resume", "--rssm.deter", "64", "--seed", "3", "--threads", "2"])
+    with pytest.raises(SystemExit) as err:
+        train.main(bad)
+    message = str(err.value)
+    assert "--rssm.deter: trained with 24, this run asks 64" in message and "--seed: trained with 0, this run asks 3" in message
+    assert "threads" not in message  # resumable flags may change
+    # --steps already reached: a clear notice, nothing written
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    train.main(train.cli(["--logdir", str(tmp_path), "--resume"]))
+    assert "already trained for 2000 env steps >= --steps 2000" in capsys.readouterr().out
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_bad_flags_fail_before_anything_is_written(tmp_path):
+    cases = [
+        (["--threads", "-1"], "--threads -1: must be >= 0"),
+        (["--prefill", "5000", "--steps", "4000"], "--prefill 5000 >= --steps 4000"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: this torch build or machine has no CUDA device"))
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            train.main(train.cli([*TINY_FLAGS, *flags, "--logdir", str(tmp_path / "x")]))
+        assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_carrying_a_pickled_callable_is_refused(tmp_path):
+    import os
+
+    good = tmp_path / "run"
+    train.main(train.cli([*TINY_FLAGS, "--steps", "1000", "--logdir", str(good)]))
+    ckpt = torch.load(good / "ckpt.pt", weights_only=True)  # plain tensors and types: loads safely
+    assert ckpt["counters"]["env_steps"] == 2000  # whole episodes: 20 policy steps x 50 repeats x 2 envs
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({**ckpt, "payload": os.getcwd}, evil / "ckpt.pt")  # a callable, run by a plain unpickler
+    with pytest.raises(SystemExit, match="holds objects other than tensors and plain types; refused"):
+        checkpoint.load_checkpoint(evil / "ckpt.pt")
+    with pytest.raises(SystemExit, match="refused"):
+        checkpoint.load_agent(evil)  # a run directory is accepted as well as its ckpt.pt
+
+
+def test_a_run_without_checkpoint_is_refused_and_resume_drops_logs_after_the_checkpoint(tmp_path):
+    import json
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1000}\n')  # a killed run that never saved
+    with pytest.raises(SystemExit, match="holds logs of a run that saved no checkpoint"):
+        train.main(train.cli([*TINY_FLAGS, "--steps", "2000", "--logdir", str(tmp_path)]))
+    (tmp_path / "metrics.jsonl").unlink()
+    train.main(train.cli([*TINY_FLAGS, "--steps", "2000", "--logdir", str(tmp_path)]))
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # lines logged after the checkpoint, before a kill
+        f.write('{"step": 3000, "wm/loss": 1.0}\n')
+    train.main(train.cli(["--logdir", str(tmp_path), "--resume", "--steps", "4000"]))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(3000) == 1 and steps[-1] == 4000
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_a_checkpoint_at_the_next_episode_boundary_and_exits_cleanly(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "train.py", *TINY_FLAGS, "--steps", "40000", "--log-every", "200", "--save-every", "100000", "--logdir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "wm/loss" not in proc.stdout.readline():  # training has started
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(getattr(signal, sig))
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert rc == 128 + getattr(signal, sig), err[-2000:]
+    assert "Traceback" not in err and "continue with --resume" in err
+    ckpt = checkpoint.load_checkpoint(tmp_path / "ckpt.pt")
+    steps = ckpt["counters"]["env_steps"]
+    assert 0 < steps < 40000 and steps % 2000 == 0  # an episode boundary: 20 policy steps x 50 repeats x 2 envs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -935,7 +1021,7 @@ CF_FLAGS = ["--steps", "15", "--threads", "1"]
 
 
 def test_counterfactual_sigma_positive_and_m_zero_reproduces_the_dream(tiny_dali_run):
-    args, agent, _ = train.load_agent(tiny_dali_run)
+    args, agent, _ = checkpoint.load_agent(tiny_dali_run)
     jobs = [(c, 7 + i) for i, (c, _) in enumerate(envs.eval_contexts("ball_in_cup", "single_0"))]
     ep = counterfactual.record(agent, "ball_in_cup", "features", args.action_repeat, jobs, 15, "cpu")
     ctx = counterfactual.inferred_context(agent, ep, "cpu")

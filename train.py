@@ -12,20 +12,22 @@ env (envs.py); DALI (arXiv:2508.20294, Sec. 6) trains on 100 contexts sampled fr
 
 Output in --logdir: args.json, metrics.jsonl (one JSON object per log line), TensorBoard events, ckpt.pt
 (written atomically at episode boundaries every --save-every env steps and at the end).
+
+Ctrl-C (SIGINT) or SIGTERM (what SLURM sends before it kills a job) saves a checkpoint at the next episode
+boundary, the next point where resuming is exact, and exits with status 128 + the signal's number; a second
+signal exits at once, keeping the last checkpoint. `--resume` takes the run's own configuration from its
+logdir: only the flags in checkpoint.RESUMABLE (steps, threads, logging, evaluation, device) may change.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pickle
 import random
+import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -33,176 +35,9 @@ import tyro
 from tqdm import tqdm
 
 import envs
-from context_encoder import ContextEncoderConfig
-from dali import Agent, AgentConfig, Spaces
-from evaluate import episode_returns
+from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, plain_numpy_state, preset, save_checkpoint, saved_args
+from evaluate import episode_returns, resolve_device
 from replay import Replay
-from rssm import RSSMConfig
-
-CHECKPOINT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Args:
-    """Training run. Model sizes come from --size; any --rssm.* / --hidden ... flag overrides the preset."""
-
-    task: envs.Task = "walker"
-    """Contextual DMC task."""
-    obs: envs.ObsKind = "features"
-    """Observation: proprioceptive features, or 64x64 RGB pixels."""
-    contexts: envs.Setting = "double_box"
-    """Training contexts: default, single_0 / single_1 (one feature varies), double_box (both vary)."""
-    num_contexts: int = 100
-    """Number of training contexts sampled from the training range (with --seed)."""
-    steps: int = 500_000
-    """Env steps to train for (action repeats and envs counted), rounded up to whole episodes."""
-    seed: int = 0
-    """Seed of contexts, envs, replay sampling and network initialisation."""
-    logdir: str = "runs/default"
-    """Where metrics and checkpoints go."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """auto: cuda when available."""
-    size: Literal["cpu", "xs", "s", "m"] = "cpu"
-    """Model size preset (DreamerV3's XS/S/M; `cpu` is the small default when no GPU is used)."""
-    envs: int = 4
-    """Parallel envs."""
-    action_repeat: int = 2
-    """Control steps per policy step (DreamerV3's DMC default 2; the DALI paper used 1)."""
-    train_ratio: float = 512.0
-    """Replayed steps per policy step: B * T / train_ratio policy steps per update (DreamerV3's 512; the
-    cpu preset's default is 128, see TRAIN_RATIO)."""
-    batch_size: int = 16
-    """Sequences per batch B."""
-    batch_length: int = 64
-    """Steps per sequence T."""
-    prefill: int = 2500
-    """Env steps of uniform random actions before training starts."""
-    replay_capacity: int = 1_000_000
-    """Replay size in records (all envs together)."""
-    eval_every: int = 10_000
-    """Env steps between evaluations (0: never)."""
-    eval_episodes: int = 4
-    """Episodes per evaluation, one per eval env, on the training contexts."""
-    eval_mode: Literal["sample", "mode"] = "sample"
-    """Evaluation actions: sampled from the policy (the DALI paper) or its mode."""
-    log_every: int = 2_000
-    """Env steps between metric lines."""
-    save_every: int = 20_000
-    """Env steps between checkpoints (taken at the next episode boundary)."""
-    resume: bool = False
-    """Continue the run in --logdir from its ckpt.pt (replay, optimisers, counters, RNGs restored)."""
-    threads: int = 1
-    """torch CPU threads. 1 (the default) is robust when anything else runs on the machine (env workers,
-    another seed): with more threads than free cores, torch's spin-waiting threads slow an update 20-70x.
-    More pay only on an otherwise idle machine (docs/speed.md has the measurements);
-    0 takes one per core."""
-    progress: bool = True
-    """Show a progress bar on stderr."""
-    agent: Annotated[AgentConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=AgentConfig)
-    rssm: RSSMConfig = field(default_factory=RSSMConfig)
-    ctx: ContextEncoderConfig = field(default_factory=ContextEncoderConfig)
-
-
-# Size presets: RSSM sizes and MLP widths (DreamerV3 2023 Table B.1; `cpu` is smaller for 2-core machines).
-SIZES: dict[str, tuple[RSSMConfig, dict]] = {
-    # cpu: chosen by wall-clock time to ball_in_cup >= 900 (README, Speed): 256 of the 1,024 imagination starts
-    "cpu": (RSSMConfig(deter=256, hidden=128, stoch=32, classes=8), dict(hidden=128, layers=1, cnn_depth=16, imag_starts=256)),
-    "xs": (RSSMConfig(deter=256, hidden=256), dict(hidden=256, layers=1, cnn_depth=24)),
-    "s": (RSSMConfig(deter=512, hidden=512), dict(hidden=512, layers=2, cnn_depth=32)),
-    "m": (RSSMConfig(deter=1024, hidden=640), dict(hidden=640, layers=3, cnn_depth=48)),
-}
-
-# Train ratio per preset where it differs from DreamerV3's 512. The cpu preset trains at 128: measured on
-# ball_in_cup (features, default context), ratio 128 first evaluated >= 900 at 140k env steps (8.6k updates);
-# ratio 64 had not learned to catch at 65k; 512 costs 4x the updates per env step (README, issue 6).
-TRAIN_RATIO = {"cpu": 128.0}
-
-# Fields that may change on --resume; every other field must equal the checkpoint's.
-RESUMABLE = {"steps", "logdir", "device", "resume", "threads", "progress", "eval_every", "log_every", "save_every", "eval_episodes", "eval_mode"}
-
-
-def preset(size: str) -> Args:
-    """Default Args for a size preset (the base that command-line flags override)."""
-    rssm, agent = SIZES[size]
-    return Args(size=size, rssm=rssm, agent=AgentConfig(**agent), train_ratio=TRAIN_RATIO.get(size, Args.train_ratio))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(path: Path, payload: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, args: Args | None = None) -> dict:
-    """Load ckpt.pt with clear errors for a missing, corrupt or incompatible file."""
-    if not path.is_file():
-        raise SystemExit(f"error: no checkpoint at {path}")
-    try:
-        # weights_only: a checkpoint holds tensors and plain types only, so loading one never runs its code
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SystemExit(
-            f"error: checkpoint {path} holds objects other than tensors and plain types (refused: loading them could run code): {e}"
-        ) from None
-    except Exception as e:  # truncated zip, garbage bytes, ...
-        raise SystemExit(f"error: checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise SystemExit(f"error: {path} is not a checkpoint of this train.py (version {CHECKPOINT_VERSION})")
-    if args is not None:
-        saved, new = _flatten(ckpt["args"]), _flatten(dataclasses.asdict(args))
-        for k in sorted(saved.keys() | new.keys()):
-            if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k):
-                raise SystemExit(f"error: checkpoint {path} was trained with {k}={saved.get(k)!r}, this run asks {k}={new.get(k)!r}")
-    return ckpt
-
-
-def _plain_numpy_state(state: tuple) -> tuple:
-    """np.random.get_state() with its key array as a list of ints (weights_only checkpoints)."""
-    name, keys, pos, has_gauss, gauss = state
-    return (name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def args_from_dict(d: dict) -> Args:
-    """Rebuild Args saved in a checkpoint or args.json (for evaluate.py and counterfactual.py)."""
-    return Args(**{**d, "agent": AgentConfig(**d["agent"]), "rssm": RSSMConfig(**d["rssm"]), "ctx": ContextEncoderConfig(**d["ctx"])})
-
-
-def build_agent(args: Args, env: envs.ContextualDMC, device: str | torch.device = "cpu") -> Agent:
-    spaces = Spaces(
-        action=env.action_size,
-        obs=env.obs_size if args.obs == "features" else 0,
-        image=env.image_shape if args.obs == "pixels" else None,
-        context=len(env.features),
-    )
-    return Agent(args.agent, args.rssm, spaces, args.ctx).to(device)
-
-
-def load_agent(path: Path, device: str | torch.device = "cpu") -> tuple[Args, Agent, dict]:
-    """The saved args, the trained agent (eval mode) and the raw checkpoint of a train.py run."""
-    ckpt = load_checkpoint(path)
-    args = args_from_dict(ckpt["args"])
-    env = envs.make_env(args.task, args.obs, [envs.default_context(args.task)], 0, args.action_repeat)
-    agent = build_agent(args, env, device)
-    agent.load_state_dict(ckpt["agent"])
-    env.close()
-    return args, agent.eval(), ckpt
-
 
 # ----------------------------------------------------------------------------------------------------
 # Training
@@ -223,6 +58,10 @@ def check_args(args: Args) -> None:
         problems.append(f"--replay-capacity {args.replay_capacity}: must hold --batch-length + --ctx.window records per env")
     if args.ctx.window < 1 or args.ctx.dim < 1:
         problems.append(f"--ctx.window {args.ctx.window}, --ctx.dim {args.ctx.dim}: both must be >= 1")
+    if args.threads < 0:
+        problems.append(f"--threads {args.threads}: must be >= 0 (0: one per core)")
+    if args.prefill >= args.steps:
+        problems.append(f"--prefill {args.prefill} >= --steps {args.steps}: the agent would never be trained")
     if problems:
         raise SystemExit("error: " + "\n       ".join(problems))
 
@@ -234,10 +73,10 @@ def to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
 class Logger:
     """stdout line + metrics.jsonl + TensorBoard; metric tensors are averaged and synced only here."""
 
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(logdir))
+        self.writer = SummaryWriter(str(logdir), purge_step=step or None)  # a resumed run drops events after its checkpoint
         self.file = open(logdir / "metrics.jsonl", "a")
         self.pending: dict[str, list] = {}
 
@@ -262,16 +101,54 @@ class Logger:
         self.file.close()
 
 
+class StopRequest:
+    """SIGINT/SIGTERM handler: the first signal asks the loop to checkpoint at the next safe point and exit;
+    a second one exits at once (the last checkpoint stays as it was)."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __call__(self, signum, frame) -> None:
+        if self.signum:
+            raise SystemExit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next episode boundary, then exiting "
+              "(send it again to exit at once without saving)", file=sys.stderr, flush=True)  # fmt: skip
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def prepare_logdir(logdir: Path, ckpt: dict | None) -> None:
+    """Never mix two runs' logs: a fresh run needs a logdir without logs; a resumed one drops the metric lines
+    and TensorBoard events written after its checkpoint (the resumed run writes them again)."""
+    logs = [p for p in (logdir / "metrics.jsonl", logdir / "ckpt.pt") if p.exists()] + list(logdir.glob("events.out.tfevents.*"))
+    if ckpt is None and logs:
+        what = "a checkpoint; pass --resume to continue it" if (logdir / "ckpt.pt").exists() else "logs of a run that saved no checkpoint; delete them"
+        raise SystemExit(f"error: {logdir} holds {what}, or choose another --logdir")
+    if ckpt is not None and (logdir / "metrics.jsonl").exists():
+        step = ckpt["counters"]["env_steps"]
+        lines = (logdir / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        (logdir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+
+
 def main(args: Args) -> dict:
     check_args(args)
+    resolve_device(args.device)  # fails before anything is written
     logdir = Path(args.logdir)
     ckpt_path = logdir / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path, args) if args.resume else None
-    if not args.resume and ckpt_path.exists():
-        raise SystemExit(f"error: {ckpt_path} exists; pass --resume to continue it or choose another --logdir")
+    if ckpt is not None and ckpt["counters"]["env_steps"] >= args.steps:
+        print(f"{logdir}: already trained for {ckpt['counters']['env_steps']} env steps >= --steps {args.steps}; nothing to do "
+              "(pass a larger --steps to continue)")  # fmt: skip
+        return ckpt["counters"]
+    prepare_logdir(logdir, ckpt)
     logdir.mkdir(parents=True, exist_ok=True)
     (logdir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -313,7 +190,7 @@ def main(args: Args) -> dict:
     ep_return = np.zeros(args.envs)
     steps_per_vec = args.envs * args.action_repeat
     updates_per_policy_step = args.train_ratio / (args.batch_size * args.batch_length)
-    logger = Logger(logdir)
+    logger = Logger(logdir, c["env_steps"])
     progress = tqdm(total=args.steps, initial=min(c["env_steps"], args.steps), unit="step", disable=not args.progress, dynamic_ncols=True)
     t_last, steps_last = time.time(), c["env_steps"]
 
@@ -321,7 +198,7 @@ def main(args: Args) -> dict:
         rng = {
             "action": action_rng.bit_generator.state,
             "python": random.getstate(),
-            "numpy": _plain_numpy_state(np.random.get_state()),
+            "numpy": plain_numpy_state(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "envs": [env.rng_state() for env in vec.envs],
         }
@@ -329,8 +206,9 @@ def main(args: Args) -> dict:
         payload = {"version": CHECKPOINT_VERSION, "args": dataclasses.asdict(args), "agent": agent.state_dict(), "optimizers": optimizers}
         save_checkpoint(ckpt_path, {**payload, "replay": replay.state_dict(), "counters": dict(c), "rng": rng})
 
+    stop = StopRequest()
     at_boundary = True  # all envs start episodes together and DMC episodes have a fixed length
-    while not (c["env_steps"] >= args.steps and at_boundary):
+    while not ((c["env_steps"] >= args.steps or stop.signum) and at_boundary):
         # Store record t = (o_t, a_{t-1}, r_t, is_first_t, is_terminal_t, ctx_t) of every env.
         for i in range(args.envs):
             replay.add(i, {obs_key: obs[obs_key][i], "action": prev_action[i], "reward": reward[i], "is_first": obs["is_first"][i],
@@ -389,6 +267,10 @@ def main(args: Args) -> dict:
     progress.close()
     logger.close()
     vec.close()
+    stop.restore()
+    if stop.signum:
+        print(f"{signal.Signals(stop.signum).name}: saved {ckpt_path} at {c['env_steps']} env steps; continue with --resume", file=sys.stderr)
+        raise SystemExit(128 + stop.signum)
     return c
 
 
@@ -403,7 +285,11 @@ def cli(argv: list[str] | None = None) -> Args:
             size = a.split("=", 1)[1]
     if size not in SIZES:
         raise SystemExit(f"error: unknown --size {size!r}; choose one of {list(SIZES)}")
-    return tyro.cli(Args, default=preset(size), args=argv, description=__doc__)
+    args = tyro.cli(Args, default=preset(size), args=argv, description=__doc__)
+    if args.resume:  # the run's own configuration is the base; main() rejects changes outside RESUMABLE
+        base = dataclasses.replace(saved_args(args.logdir), logdir=args.logdir, resume=True)
+        args = tyro.cli(Args, default=base, args=argv, description=__doc__)
+    return args
 
 
 if __name__ == "__main__":

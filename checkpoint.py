@@ -1,0 +1,220 @@
+"""A training run's configuration and its checkpoints: the `Args` of train.py with DreamerV3's size presets
+(Hafner et al., arXiv:2301.04104, Table B.1), saving and loading ckpt.pt, and rebuilding a trained agent.
+
+It sits below train.py, evaluate.py and counterfactual.py, so that evaluating a checkpoint never imports
+the training script. A checkpoint is one dict of tensors and plain Python types (version, args, agent,
+optimizers, replay, counters, RNG states); it is loaded with torch.load(weights_only=True), so a shared
+checkpoint cannot run code on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import tyro
+
+import envs
+from context_encoder import ContextEncoderConfig
+from dali import Agent, AgentConfig, Spaces
+from rssm import RSSMConfig
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Args:
+    """Training run. Model sizes come from --size; any --rssm.* / --hidden ... flag overrides the preset."""
+
+    task: envs.Task = "walker"
+    """Contextual DMC task."""
+    obs: envs.ObsKind = "features"
+    """Observation: proprioceptive features, or 64x64 RGB pixels."""
+    contexts: envs.Setting = "double_box"
+    """Training contexts: default, single_0 / single_1 (one feature varies), double_box (both vary)."""
+    num_contexts: int = 100
+    """Number of training contexts sampled from the training range (with --seed)."""
+    steps: int = 500_000
+    """Env steps to train for (action repeats and envs counted), rounded up to whole episodes."""
+    seed: int = 0
+    """Seed of contexts, envs, replay sampling and network initialisation."""
+    logdir: str = "runs/default"
+    """Where metrics and checkpoints go."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available."""
+    size: Literal["cpu", "xs", "s", "m"] = "cpu"
+    """Model size preset (DreamerV3's XS/S/M; `cpu` is the small default when no GPU is used)."""
+    envs: int = 4
+    """Parallel envs."""
+    action_repeat: int = 2
+    """Control steps per policy step (DreamerV3's DMC default 2; the DALI paper used 1)."""
+    train_ratio: float = 512.0
+    """Replayed steps per policy step: B * T / train_ratio policy steps per update (DreamerV3's 512; the
+    cpu preset's default is 128, see TRAIN_RATIO)."""
+    batch_size: int = 16
+    """Sequences per batch B."""
+    batch_length: int = 64
+    """Steps per sequence T."""
+    prefill: int = 2500
+    """Env steps of uniform random actions before training starts."""
+    replay_capacity: int = 1_000_000
+    """Replay size in records (all envs together)."""
+    eval_every: int = 10_000
+    """Env steps between evaluations (0: never)."""
+    eval_episodes: int = 4
+    """Episodes per evaluation, one per eval env, on the training contexts."""
+    eval_mode: Literal["sample", "mode"] = "sample"
+    """Evaluation actions: sampled from the policy (the DALI paper) or its mode."""
+    log_every: int = 2_000
+    """Env steps between metric lines."""
+    save_every: int = 20_000
+    """Env steps between checkpoints (taken at the next episode boundary)."""
+    resume: bool = False
+    """Continue the run in --logdir from its ckpt.pt (replay, optimisers, counters, RNGs restored)."""
+    threads: int = 1
+    """torch CPU threads. 1 (the default) is robust when anything else runs on the machine (env workers,
+    another seed): with more threads than free cores, torch's spin-waiting threads slow an update 20-70x.
+    More pay only on an otherwise idle machine (docs/speed.md has the measurements);
+    0 takes one per core."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+    agent: Annotated[AgentConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=AgentConfig)
+    rssm: RSSMConfig = field(default_factory=RSSMConfig)
+    ctx: ContextEncoderConfig = field(default_factory=ContextEncoderConfig)
+
+
+# Size presets: RSSM sizes and MLP widths (DreamerV3 2023 Table B.1; `cpu` is smaller for 2-core machines).
+SIZES: dict[str, tuple[RSSMConfig, dict]] = {
+    # cpu: chosen by wall-clock time to ball_in_cup >= 900 (README, Speed): 256 of the 1,024 imagination starts
+    "cpu": (RSSMConfig(deter=256, hidden=128, stoch=32, classes=8), dict(hidden=128, layers=1, cnn_depth=16, imag_starts=256)),
+    "xs": (RSSMConfig(deter=256, hidden=256), dict(hidden=256, layers=1, cnn_depth=24)),
+    "s": (RSSMConfig(deter=512, hidden=512), dict(hidden=512, layers=2, cnn_depth=32)),
+    "m": (RSSMConfig(deter=1024, hidden=640), dict(hidden=640, layers=3, cnn_depth=48)),
+}
+
+# Train ratio per preset where it differs from DreamerV3's 512. The cpu preset trains at 128: measured on
+# ball_in_cup (features, default context), ratio 128 first evaluated >= 900 at 140k env steps (8.6k updates);
+# ratio 64 had not learned to catch at 65k; 512 costs 4x the updates per env step (docs/learning.md).
+TRAIN_RATIO = {"cpu": 128.0}
+
+# Fields that may change on --resume; every other field must equal the checkpoint's.
+RESUMABLE = {"steps", "logdir", "device", "resume", "threads", "progress", "eval_every", "log_every", "save_every", "eval_episodes", "eval_mode"}
+
+
+def preset(size: str) -> Args:
+    """Default Args for a size preset (the base that command-line flags override)."""
+    rssm, agent = SIZES[size]
+    return Args(size=size, rssm=rssm, agent=AgentConfig(**agent), train_ratio=TRAIN_RATIO.get(size, Args.train_ratio))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".pt.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A run directory or its ckpt.pt -> the ckpt.pt."""
+    path = Path(path)
+    return path / "ckpt.pt" if path.is_dir() else path
+
+
+def load_checkpoint(path: str | Path, args: Args | None = None) -> dict:
+    """Load ckpt.pt (or a run directory's) with clear errors for a missing, corrupt, unsafe or incompatible
+    file. With `args`, every non-resumable field must equal the checkpoint's; all conflicts are listed."""
+    path = checkpoint_path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: no checkpoint at {path}")
+    try:
+        # weights_only: a checkpoint holds tensors and plain types only, so loading one never runs its code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise SystemExit(
+            f"error: checkpoint {path} holds objects other than tensors and plain types; refused, since loading them "
+            f"could run code ({reason})"
+        ) from None
+    except Exception as e:  # truncated zip, garbage bytes, ...
+        raise SystemExit(f"error: checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise SystemExit(f"error: {path} is not a checkpoint of this train.py (version {CHECKPOINT_VERSION})")
+    if args is not None:
+        conflicts = config_conflicts(ckpt["args"], dataclasses.asdict(args))
+        if conflicts:
+            raise SystemExit(f"error: checkpoint {path} was trained with another configuration:\n       " + "\n       ".join(conflicts))
+    return ckpt
+
+
+def config_conflicts(saved: dict, new: dict) -> list[str]:
+    """The non-resumable fields where two Args dicts differ, as 'flag: saved X, asked Y' lines."""
+    saved, new = _flatten(saved), _flatten(new)
+    return [
+        f"--{k.replace('_', '-')}: trained with {saved.get(k)!r}, this run asks {new.get(k)!r}"
+        for k in sorted(saved.keys() | new.keys())
+        if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k)
+    ]
+
+
+def saved_args(logdir: str | Path) -> Args:
+    """The configuration a run in `logdir` was started with (its args.json, else its checkpoint)."""
+    logdir = Path(logdir)
+    if (logdir / "args.json").is_file():
+        try:
+            return args_from_dict(json.loads((logdir / "args.json").read_text()))
+        except (ValueError, TypeError, KeyError) as e:
+            raise SystemExit(f"error: {logdir / 'args.json'} is not a train.py configuration ({type(e).__name__}: {e})") from None
+    return args_from_dict(load_checkpoint(logdir / "ckpt.pt")["args"])
+
+
+def plain_numpy_state(state: tuple) -> tuple:
+    """np.random.get_state() with its key array as a list of ints (weights_only checkpoints)."""
+    name, keys, pos, has_gauss, gauss = state
+    return (name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def args_from_dict(d: dict) -> Args:
+    """Rebuild Args saved in a checkpoint or args.json (for evaluate.py and counterfactual.py)."""
+    return Args(**{**d, "agent": AgentConfig(**d["agent"]), "rssm": RSSMConfig(**d["rssm"]), "ctx": ContextEncoderConfig(**d["ctx"])})
+
+
+def build_agent(args: Args, env: envs.ContextualDMC, device: str | torch.device = "cpu") -> Agent:
+    spaces = Spaces(
+        action=env.action_size,
+        obs=env.obs_size if args.obs == "features" else 0,
+        image=env.image_shape if args.obs == "pixels" else None,
+        context=len(env.features),
+    )
+    return Agent(args.agent, args.rssm, spaces, args.ctx).to(device)
+
+
+def load_agent(path: str | Path, device: str | torch.device = "cpu") -> tuple[Args, Agent, dict]:
+    """The saved args, the trained agent (eval mode) and the raw checkpoint of a train.py run."""
+    ckpt = load_checkpoint(path)  # a run directory or its ckpt.pt
+    args = args_from_dict(ckpt["args"])
+    env = envs.make_env(args.task, args.obs, [envs.default_context(args.task)], 0, args.action_repeat)
+    agent = build_agent(args, env, device)
+    agent.load_state_dict(ckpt["agent"])
+    env.close()
+    return args, agent.eval(), ckpt
