@@ -199,6 +199,13 @@ def args_from_dict(d: dict) -> Args:
     return Args(**{**d, "agent": AgentConfig(**d["agent"]), "rssm": RSSMConfig(**d["rssm"]), "ctx": ContextEncoderConfig(**d["ctx"])})
 
 
+def resolve_device(device: str) -> torch.device:
+    """--device auto|cpu|cuda -> a torch device, with a clear error where CUDA is asked for but missing."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: this torch build or machine has no CUDA device (use --device auto or cpu)")
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+
+
 def build_agent(args: Args, env: envs.ContextualDMC, device: str | torch.device = "cpu") -> Agent:
     spaces = Spaces(
         action=env.action_size,

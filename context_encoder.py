@@ -3,7 +3,7 @@
     ctx_t = g(o_{t-K:t}, a_{t-K:t-1})                       the context vector, inferred from the K most
                                                             recent transitions of the current episode
     L_FD  = || o_{t+1} - f(o_t, a_t, ctx_t) ||^2             eq. 3: trains g (and f), nothing else does
-    L_cross (optional, "DALI-chi")                          aligns ctx with the posterior latent z_t
+    L_cross (optional, "DALI-chi")                          W ctx_t predicts sg([h_t; z_t]), the model state
 
 Token j is the transition (o_j, a_j, o_{j+1}); it exists only if o_{j+1} is in the same episode as o_j.
 g is a one-layer transformer encoder over [CLS; window tokens] pooled at CLS: tokens -> linear ->
@@ -171,19 +171,18 @@ def forward_dynamics_loss(encoder: ContextEncoder, obs, next_obs, action, ctx, v
 
 
 class CrossModal(nn.Module):
-    """L_cross: two linear maps between ctx and the posterior stochastic state z_t (DALI's "-chi" variant)."""
+    """L_cross's map W: ctx_t -> the model state [h_t; z_t] (DALI's "-chi" variant, as in the release)."""
 
-    def __init__(self, ctx: int, stoch: int):
+    def __init__(self, ctx: int, state: int):
         super().__init__()
-        self.ctx_to_z, self.z_to_ctx = linear(ctx, stoch), linear(stoch, ctx)
+        self.ctx_to_state = linear(ctx, state)
 
 
-def cross_modal_loss(cross: CrossModal, ctx: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:
-    """Align ctx and z_t in both directions, each with the other side stop-gradiented. (B, T, ...) -> (B, T)."""
-    to_z = ((cross.ctx_to_z(ctx) - stoch.detach()) ** 2).mean(-1)
-    to_ctx = ((cross.z_to_ctx(stoch.detach()) - ctx.detach()) ** 2).mean(-1)
-    # The second term trains only the map; the first pulls ctx towards what z knows.
-    return to_z + to_ctx
+def cross_modal_loss(cross: CrossModal, ctx: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """L_cross = ||W ctx_t - sg([h_t; z_t])||^2 / dim: trains g (and W) so that ctx carries what the world
+    model's state knows; the state is stop-gradiented, so L_cross never trains the world model.
+    ctx (B, T, X), state (B, T, D + S*C) -> (B, T)."""
+    return ((cross.ctx_to_state(ctx) - state.detach()) ** 2).mean(-1)
 
 
 class ContextWindow:
@@ -194,14 +193,18 @@ class ContextWindow:
         self.encoder = encoder
         self.tokens = torch.zeros(n, K, D, device=device)  # transition tokens, oldest first
         self.valid = torch.zeros(n, K, dtype=torch.bool, device=device)
-        self.prev_obs: torch.Tensor | None = None
+        self.prev_obs: torch.Tensor | None = None  # o_{t-1}
+        self.ctx: torch.Tensor | None = None  # the latest ctx returned, (N, X)
 
     def update(self, obs: torch.Tensor, prev_action: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
-        """Add the transition (o_{t-1}, a_{t-1}, o_t) unless o_t starts an episode; return ctx_t (N, X)."""
+        """Add the transition (o_{t-1}, a_{t-1}, o_t) unless o_t starts an episode; return ctx_t (N, X).
+        A window that has seen no observation yet (a fresh window, e.g. when the policy takes over from
+        random prefill mid-episode) treats o_t as an episode start: it has no o_{t-1} to pair it with."""
         if self.prev_obs is None:
-            self.prev_obs = obs
+            self.prev_obs, is_first = obs, torch.ones_like(is_first)
         token = transition_tokens(self.prev_obs, obs, prev_action, self.encoder.features)  # (N, D)
         self.tokens = torch.cat([self.tokens[:, 1:], token[:, None]], 1)
         self.valid = torch.cat([self.valid[:, 1:] & ~is_first[:, None], ~is_first[:, None]], 1)
         self.prev_obs = obs
-        return self.encoder.encode_last(self.tokens, self.valid)
+        self.ctx = self.encoder.encode_last(self.tokens, self.valid)
+        return self.ctx

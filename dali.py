@@ -140,6 +140,16 @@ def lambda_return(reward: torch.Tensor, disc: torch.Tensor, value: torch.Tensor,
     return torch.stack(out[::-1])
 
 
+def sequence_context(ctx: torch.Tensor, is_first: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+    """The context the sequence model reads on its step into h_t: ctx_{t-1}, pooled from transitions up to
+    o_{t-1}, so that the prior p(z_t | h_t) never sees o_t; at an episode start ctx_t (no transition yet).
+    Imagination from s_t then feeds ctx_t into the step to h_{t+1}, exactly what training did.
+    ctx (B, T, X) holds ctx_t, is_first (B, T), before (B, X) the ctx of the step before the first
+    (None: ctx_0 stands in, right when step 0 starts an episode or ctx is constant within one) -> (B, T, X)."""
+    previous = torch.cat([(ctx[:, :1] if before is None else before[:, None]), ctx[:, :-1]], 1)
+    return torch.where(is_first[..., None], ctx, previous)
+
+
 def clip_action(action: torch.Tensor) -> torch.Tensor:
     """DreamerV3 (2023 code, action_clip 1): scale imagined actions into [-1, 1] by a * sg(1 / max(1, |a|)),
     so the world model only sees actions of the range it was trained on, and the gradient keeps flowing."""
@@ -301,7 +311,7 @@ class Agent(nn.Module):
         if learned:  # tokens from features, or from the world model's (detached) pixel embeddings
             token_obs = spaces.obs if spaces.image is None else self.encoder.size
             self.ctx_encoder = ContextEncoder(ctx_cfg, token_obs, spaces.action, features=spaces.image is None)
-            self.cross = CrossModal(ctx_cfg.dim, rssm_cfg.stoch * rssm_cfg.classes) if ctx_cfg.cross_weight else None
+            self.cross = CrossModal(ctx_cfg.dim, rssm_cfg.deter + rssm_cfg.stoch * rssm_cfg.classes) if ctx_cfg.cross_weight else None
             ctx_params = list(self.ctx_encoder.parameters()) + (list(self.cross.parameters()) if self.cross else [])
             self.ctx_opt = torch.optim.Adam(ctx_params, ctx_cfg.lr)
         F_ = self.rssm.feat_size + self.ctx_deep  # input of decoder, heads, actor, critic
@@ -327,16 +337,18 @@ class Agent(nn.Module):
 
     # -- context wiring ------------------------------------------------------------------------------
 
-    def context(self, batch: dict, embed: torch.Tensor | None = None) -> tuple[torch.Tensor | None, dict]:
-        """ctx for the last T steps of `batch` (B, K + T, ...): (B, T, X) detached, or None for a
-        context-unaware agent; plus, for a learned context, the not-yet-detached pieces its losses need.
+    def context(self, batch: dict, embed: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+        """ctx_t for the last T steps of `batch` (B, K + T, ...): (B, T, X) detached, or None for a
+        context-unaware agent; the sequence model's context (`sequence_context`, (B, T, X)); and, for a
+        learned context, the not-yet-detached pieces its losses need.
         Pixels: tokens are the encoder's embeddings; `embed` (B, T, E), the world model's embeddings of the
         last T frames, saves encoding those frames twice."""
-        if self.cfg.context == "oracle":
-            return batch["context"][:, self.context_prefix :].float().detach(), {}
-        if self.cfg.context == "none":
-            return None, {}
         P = self.context_prefix
+        if self.cfg.context == "oracle":  # constant within an episode: ctx_{t-1} = ctx_t
+            ctx = batch["context"][:, P:].float().detach()
+            return ctx, sequence_context(ctx, batch["is_first"][:, P:]), {}
+        if self.cfg.context == "none":
+            return None, None, {}
         if self.spaces.image is None:
             x = batch["obs"].float()
         else:
@@ -345,7 +357,9 @@ class Agent(nn.Module):
             if embed is not None:
                 x = torch.cat([x, embed.detach()], 1)  # (B, K + T, E)
         ctx, valid = self.ctx_encoder.segment(x, batch["action"], batch["is_first"])  # (B, K+T, X), (B, K+T-1)
-        return ctx[:, P:].detach(), {"x": x, "ctx": ctx, "valid": valid}
+        now = ctx[:, P:].detach()  # (B, T, X)
+        seq = sequence_context(now, batch["is_first"][:, P:], ctx[:, P - 1].detach())  # P = K >= 1
+        return now, seq, {"x": x, "ctx": ctx, "valid": valid}
 
     def _with_ctx(self, feat: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
         """Input of decoder, heads, actor and critic: [feat, ctx] when deep, else feat."""
@@ -353,12 +367,14 @@ class Agent(nn.Module):
 
     # -- training ------------------------------------------------------------------------------------
 
-    def world_model_loss(self, batch: dict, ctx: torch.Tensor | None, embed: torch.Tensor | None = None) -> tuple[dict, dict]:
+    def world_model_loss(self, batch: dict, ctx: torch.Tensor | None, seq_ctx: torch.Tensor | None = None,
+                         embed: torch.Tensor | None = None) -> tuple[dict, dict]:  # fmt: skip
         """DreamerV3 eq. 4-5 on a replayed batch of (B, T) (no context prefix). Returns per-(B, T) losses
-        and the posterior. `embed`: the encoder's output for this batch, if already computed."""
+        and the posterior. ctx (B, T, X) = ctx_t for posterior and heads; seq_ctx = the sequence model's
+        (`sequence_context`); `embed`: the encoder's output for this batch, if already computed."""
         obs = batch["image"] if self.spaces.image is not None else batch["obs"]
         embed = self.encoder(obs, ctx if self.ctx_enc else None) if embed is None else embed  # (B, T, E)
-        seq_ctx = ctx if self.ctx_deep else None
+        seq_ctx = seq_ctx if self.ctx_deep else None
         post_ctx = ctx if self.ctx_post else None
         post, prior = self.rssm.observe(embed, batch["action"], batch["is_first"], ctx_seq=seq_ctx, ctx_post=post_ctx)
         feat = self._with_ctx(self.rssm.feat(post), ctx)  # (B, T, F)
@@ -429,9 +445,9 @@ class Agent(nn.Module):
         embed = None
         if self.cfg.context == "learned" and self.spaces.image is not None:  # one CNN pass over the T frames
             embed = self.encoder(batch["image"])  # (B, T, E)
-        ctx, pieces = self.context(full, embed)
+        ctx, seq_ctx, pieces = self.context(full, embed)
         # World model
-        losses, post = self.world_model_loss(batch, ctx, embed)
+        losses, post = self.world_model_loss(batch, ctx, seq_ctx, embed)
         assert losses.keys() == self.loss_scales.keys(), (losses.keys(), self.loss_scales.keys())
         for k, v in losses.items():
             assert v.shape == batch["reward"].shape, (k, v.shape)
@@ -444,7 +460,7 @@ class Agent(nn.Module):
         metrics.update({"wm/loss": model_loss.detach(), "wm/grad_norm": model_norm})
         # Context encoder: trained by L_FD (+ L_cross) alone
         if pieces:
-            metrics.update(self.update_context_encoder(full, pieces, post["stoch"]))
+            metrics.update(self.update_context_encoder(full, pieces, self.rssm.feat(post)))
         # Imagination, actor and critic
         ac_losses, ac_metrics = self.imagine_and_act(post, ctx, batch["is_terminal"])
         self.actor_opt.zero_grad(set_to_none=True)
@@ -460,15 +476,16 @@ class Agent(nn.Module):
         metrics.update(ac_metrics)
         return {k: v.detach() for k, v in metrics.items()}
 
-    def update_context_encoder(self, batch: dict, pieces: dict, stoch: torch.Tensor) -> dict:
-        """DALI eq. 3: L_FD over the T training steps (each ctx_t with its full window), + lambda L_cross."""
+    def update_context_encoder(self, batch: dict, pieces: dict, state: torch.Tensor) -> dict:
+        """DALI eq. 3: L_FD over the T training steps (each ctx_t with its full window), + lambda L_cross
+        towards the posterior model state [h_t; z_t] `state` (B, T, D + S*C)."""
         P, x, ctx = self.context_prefix, pieces["x"], pieces["ctx"]
         # step t predicts o_{t+1} from (o_t, a_t, ctx_t); a_t is stored with record t+1
         fd = forward_dynamics_loss(self.ctx_encoder, x[:, P:-1], x[:, P + 1 :], batch["action"][:, P + 1 :], ctx[:, P:-1], pieces["valid"][:, P:])
         loss = fd.sum() / pieces["valid"][:, P:].sum().clamp(min=1)
         metrics = {"ctx/fd_loss": loss.detach()}
         if self.cross is not None:
-            cross = cross_modal_loss(self.cross, ctx[:, P:], stoch).mean()
+            cross = cross_modal_loss(self.cross, ctx[:, P:], state).mean()
             loss = loss + self.ctx_cfg.cross_weight * cross
             metrics["ctx/cross_loss"] = cross.detach()
         self.ctx_opt.zero_grad(set_to_none=True)
@@ -495,14 +512,16 @@ class Agent(nn.Module):
         latent, prev_action, window = state
         x = obs["image"] if self.spaces.image is not None else obs["obs"].float()
         if self.cfg.context == "oracle":
-            ctx = obs["context"].float()
+            ctx = seq_ctx = obs["context"].float()  # constant within an episode: ctx_{t-1} = ctx_t
             embed = self.encoder(x, ctx if self.ctx_enc else None)
         else:
             embed = self.encoder(x)
-            ctx = None
+            ctx = seq_ctx = None
             if self.cfg.context == "learned":  # tokens from features, or from pixel embeddings
+                previous = window.ctx  # ctx_{t-1}, None before the window's first step (an episode start)
                 ctx = window.update(x if self.spaces.image is None else embed, prev_action, obs["is_first"])
-        seq_ctx, post_ctx = (ctx if self.ctx_deep else None), (ctx if self.ctx_post else None)
+                seq_ctx = ctx if previous is None else torch.where(obs["is_first"][:, None], ctx, previous)
+        seq_ctx, post_ctx = (seq_ctx if self.ctx_deep else None), (ctx if self.ctx_post else None)
         latent, _ = self.rssm.obs_step(latent, prev_action, embed, obs["is_first"], seq_ctx, post_ctx)
         dist = self.actor(self._with_ctx(self.rssm.feat(latent), ctx))
         action = (dist.sample() if sample else dist.mean).clamp(-1, 1)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import envs
 import figures
-from checkpoint import checkpoint_path, load_agent
+from checkpoint import checkpoint_path, load_agent, resolve_device
 from dali import Agent
 from scores import METRICS, improvement_with_ci, metric_with_ci
 
@@ -269,13 +269,6 @@ class Aggregate:
     """Bootstrap resamples (rliable uses 50000; 2000 gives CI ends to about +-0.01)."""
     seed: int = 0
     """Bootstrap seed."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """--device auto|cpu|cuda -> a torch device, with a clear error where CUDA is asked for but missing."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: this torch build or machine has no CUDA device (use --device auto or cpu)")
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
 
 
 def writable_output(path: Path) -> Path:

@@ -1,6 +1,6 @@
 """The recurrent state-space model (RSSM) of DreamerV3 (Hafner et al., arXiv:2301.04104, Sec. 2 and App. B).
 
-    sequence model      h_t = f(h_{t-1}, z_{t-1}, a_{t-1} [, ctx_t])      deterministic state, LayerNorm GRU
+    sequence model      h_t = f(h_{t-1}, z_{t-1}, a_{t-1} [, ctx_{t-1}])  deterministic state, LayerNorm GRU
     prior (dynamics)    z_t ~ p(z_t | h_t)                                 `img_step`
     posterior (repr.)   z_t ~ q(z_t | h_t, x_t [, ctx_t])                  `obs_step`
 
@@ -10,6 +10,8 @@ straight-through gradients. The model state passed around is a dict {"deter": h,
 DALI (arXiv:2508.20294, Sec. 4.2) conditions the RSSM on a context vector ctx in two places, passed as
 arguments so the caller decides the integration: `ctx_seq` joins [z_{t-1}, a_{t-1}] at the sequence model
 input (deep integration) and `ctx_post` joins [h_t, embed_t] at the posterior input (shallow integration).
+The sequence model's context must not see o_t (the prior predicts it): the caller passes ctx_{t-1} there
+(dali.sequence_context), and ctx_t to the posterior.
 
 Shapes: B batch, T time, H imagination horizon, S stoch groups, C classes, D deter, E embed, A action dims,
 X context dims.

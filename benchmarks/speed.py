@@ -88,7 +88,7 @@ def phases(agent: Agent, batch: dict) -> dict[str, float]:
     t = {}
     clock = time.perf_counter
     t0 = clock()
-    ctx, pieces = agent.context(batch)
+    ctx, seq_ctx, pieces = agent.context(batch)
     t["context fwd"] = clock() - t0
     full, b = batch, {k: v[:, agent.context_prefix :] for k, v in batch.items()}
     t0 = clock()
@@ -97,10 +97,10 @@ def phases(agent: Agent, batch: dict) -> dict[str, float]:
     t["encoder fwd"] = clock() - t0
     t0 = clock()
     with torch.no_grad():  # the observe loop alone (timed apart, then the loss runs it again)
-        agent.rssm.observe(embed, b["action"], b["is_first"], ctx_seq=ctx if agent.ctx_deep else None, ctx_post=ctx if agent.ctx_post else None)
+        agent.rssm.observe(embed, b["action"], b["is_first"], ctx_seq=seq_ctx if agent.ctx_deep else None, ctx_post=ctx if agent.ctx_post else None)
     t["observe fwd (no grad)"] = clock() - t0
     t0 = clock()
-    losses, post = agent.world_model_loss(b, ctx)
+    losses, post = agent.world_model_loss(b, ctx, seq_ctx)
     loss = sum(agent.loss_scales[k] * v.mean() for k, v in losses.items())
     t["world model fwd"] = clock() - t0
     t0 = clock()

@@ -1,0 +1,111 @@
+"""The test of the tests: plant plausible one-line errors in the recipe, one at a time, and check that the
+test suite catches each (DEVELOPERS' rule: a test that survives every such error proves only that the code
+runs). Each error is applied to a fresh copy of the repository, so the working tree is never touched.
+
+    python benchmarks/plant_errors.py                 # every error, the recipe tests (a few minutes each)
+    python benchmarks/plant_errors.py --only 1 5      # some errors
+    python benchmarks/plant_errors.py --all-tests     # the whole suite per error (slow)
+
+Prints one line per error: caught (by which test) or SURVIVED; exits 1 if any survived.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (file, exact text, replacement, what the error is). The text must occur exactly once in the file.
+ERRORS = [
+    ("dali.py", "    return -weight * ((ret - value) / scale + eta * entropy)", "    return weight * ((ret - value) / scale + eta * entropy)", "actor loss sign flipped"),
+    ("dali.py", "            return clip_action(dist.rsample())", "            return clip_action(dist.rsample().detach())", "dynamics gradient cut (rsample().detach())"),
+    ("rssm.py", "    unimix: float = 0.01", "    unimix: float = 0.0", "unimix set to 0"),
+    ("rssm.py", "        update = torch.sigmoid(update - 1)", "        update = torch.sigmoid(update)", "GRU update bias of -1 removed"),
+    ("rssm.py", "        x = [state[\"stoch\"], keep * action]", "        x = [state[\"stoch\"], action]", "previous action not zeroed at is_first (obs_step; observe below)"),
+    ("dali.py", "        scale = self.retnorm(ret)", "        scale = self.retnorm(ret) * 0 + 1", "return normalisation fixed to 1"),
+    ("dali.py", "                slow.lerp_(fast, self.cfg.slow_critic_fraction)", "                slow.copy_(fast)", "slow critic replaced by a hard copy"),
+    ("dali.py", "        weight = imagination_weights(start_cont, gamma * cont)  # (H, N)", "        weight = torch.ones_like(ret)  # (H, N)", "imagination loss weights replaced by ones"),
+    ("dali.py", "        losses = {\"actor\": actor_loss(ret, value[:-1], scale", "        losses = {\"actor\": actor_loss(ret, value[:-1].detach(), scale", "actor baseline detached"),
+    ("dali.py", "            cont = (self.cont_head(feat[1:]).squeeze(-1) > 0).to(feat.dtype)", "            cont = torch.sigmoid(self.cont_head(feat[1:]).squeeze(-1))", "imagined continuation: probability instead of mode"),
+    ("dali.py", "            return clip_action(dist.rsample())", "            return dist.rsample()", "imagined actions not scaled into [-1, 1]"),
+    ("dali.py", "    return -weight * ((ret - value) / scale + eta * entropy)", "    return -weight * ((ret - value) / scale - eta * entropy)", "entropy bonus sign flipped"),
+    ("dali.py", "        last = reward[t] + disc[t] * ((1 - lam) * value[t + 1] + lam * last)", "        last = reward[t] + disc[t] * (lam * value[t + 1] + (1 - lam) * last)", "lambda and 1 - lambda swapped in the returns"),
+    ("dali.py", "        gamma = 1.0 - 1.0 / cfg.return_horizon", "        gamma = 1.0 - 1.0 / (cfg.return_horizon + 1)", "discount off by one"),
+    ("dali.py", "        seq = sequence_context(now, batch[\"is_first\"][:, P:], ctx[:, P - 1].detach())  # P = K >= 1", "        seq = now", "DALI-D sequence model reads ctx_t (sees o_t)"),
+    ("dali.py", "        now = ctx[:, P:].detach()  # (B, T, X)", "        now = ctx[:, P:]  # (B, T, X)", "ctx not detached where the world model consumes it"),
+    ("dali.py", "        fd = forward_dynamics_loss(self.ctx_encoder, x[:, P:-1], x[:, P + 1 :], batch[\"action\"][:, P + 1 :]", "        fd = forward_dynamics_loss(self.ctx_encoder, x[:, P:-1], x[:, P:-1], batch[\"action\"][:, P + 1 :]", "L_FD target o_t instead of o_{t+1}"),
+    ("dali.py", "        fd = forward_dynamics_loss(self.ctx_encoder, x[:, P:-1], x[:, P + 1 :], batch[\"action\"][:, P + 1 :]", "        fd = forward_dynamics_loss(self.ctx_encoder, x[:, P:-1], x[:, P + 1 :], batch[\"action\"][:, P:-1]", "L_FD action a_{t-1} instead of a_t"),
+    ("context_encoder.py", "        band = (offset >= 0) & (offset < K)  # (L, L)", "        band = (offset >= -1) & (offset < K)  # (L, L)", "context window sees the next token (off by one)"),
+    ("context_encoder.py", "        band = (offset >= 0) & (offset < K)  # (L, L)", "        band = (offset >= 0) & (offset <= K)  # (L, L)", "context window one token too long"),
+    ("context_encoder.py", "            self.prev_obs, is_first = obs, torch.ones_like(is_first)", "            self.prev_obs = obs", "fabricated token at the prefill handover"),
+    ("context_encoder.py", "    return ((cross.ctx_to_state(ctx) - state.detach()) ** 2).mean(-1)", "    return ((cross.ctx_to_state(ctx) - state) ** 2).mean(-1)", "L_cross trains the world model"),
+    ("rssm.py", "    dyn = kl(post_logits.detach(), prior_logits)", "    dyn = kl(post_logits, prior_logits)", "dynamics KL without its stop-gradient"),
+    ("rssm.py", "    return torch.clamp(dyn, min=free), torch.clamp(rep, min=free)", "    return dyn, torch.clamp(rep, min=free)", "free bits dropped from the dynamics KL"),
+]
+# The second half of "previous action not zeroed" (the sequence loop), applied together with the first.
+PAIRED = {4: ("rssm.py", "        seq_rest = [keep * action]", "        seq_rest = [action]")}
+
+RECIPE_TESTS = (
+    "papers_constants or prior_step or episode_start or loss_weights or return_normaliser or imagination or imagined_actions "
+    "or slow_critic or deep_prior or fresh_window or cross_modal or hidden_dynamics or pixel_agent_trains or lambda_return "
+    "or kl_free_bits or fast_observe or rssm_shapes or update_changes or context_is_causal or encode_last or acting_window "
+    "or only_the_forward_dynamics or context_unaware or checkpoint_round_trip"
+)
+
+
+@dataclass(frozen=True)
+class Args:
+    """Plant each error in a copy of the repository and run the tests."""
+
+    only: tuple[int, ...] = ()
+    """1-based numbers of the errors to plant (default: all)."""
+    all_tests: bool = False
+    """Run the whole suite per error instead of the recipe tests."""
+    list: bool = False
+    """Only list the errors."""
+
+
+def plant(repo: Path, number: int) -> None:
+    for file, old, new in [ERRORS[number][:3]] + ([PAIRED[number]] if number in PAIRED else []):
+        path = repo / file
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(f"error: error {number + 1} ({ERRORS[number][3]}): the text occurs {text.count(old)} times in {file}, not once")
+        path.write_text(text.replace(old, new))
+
+
+def main(args: Args) -> int:
+    chosen = [n - 1 for n in args.only] if args.only else list(range(len(ERRORS)))
+    if args.list:
+        for n in chosen:
+            print(f"{n + 1:>2} {ERRORS[n][3]}")
+        return 0
+    survived = []
+    for n in chosen:
+        with tempfile.TemporaryDirectory() as tmp:
+            repo = Path(tmp) / "repo"
+            shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".pytest_cache", "docs"))
+            plant(repo, n)
+            cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_dali.py"]
+            if not args.all_tests:
+                cmd += ["-k", RECIPE_TESTS]
+            out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+            failed = [line.split("::")[1].split(" ")[0] for line in out.stdout.splitlines() if line.startswith("FAILED")]
+            if out.returncode == 0:
+                survived.append(n)
+                print(f"{n + 1:>2} SURVIVED  {ERRORS[n][3]}", flush=True)
+            else:
+                print(f"{n + 1:>2} caught    {ERRORS[n][3]}: {', '.join(failed) or out.stdout[-300:]}", flush=True)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} planted errors caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(tyro.cli(Args, description=__doc__)))
