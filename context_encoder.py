@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rssm import Dense, linear, symlog
+from layers import Dense, linear, symlog
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import envs
 import figures
 from checkpoint import load_agent, resolve_device
 from dali import Agent, sequence_context
-from rssm import symexp
+from layers import symexp
 
 MIN_GRAVITY = 0.1  # m/s^2: a read-out below this (or negative) is run at this gravity in the real env
 BALL_Z_VELOCITY = 7  # ball_in_cup features: qpos (cup x, cup z, ball x, ball z), then qvel in that order

@@ -36,7 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, CrossModal, cross_modal_loss, forward_dynamics_loss
-from rssm import RSSM, Dense, RSSMConfig, kl_loss, linear, symexp, symlog, trunc_normal_
+from layers import linear, mlp, symexp, symlog, trunc_normal_
+from rssm import RSSM, RSSMConfig, kl_loss
 
 ContextSource = Literal["none", "oracle", "learned"]
 Integration = Literal["shallow", "deep"]
@@ -195,14 +196,6 @@ class ReturnNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------------
-
-
-def mlp(inp: int, hidden: int, layers: int, out: int | None = None, zero_out: bool = False) -> nn.Sequential:
-    """`layers` x Dense(hidden) [+ a linear output layer]."""
-    mods = [Dense(inp if i == 0 else hidden, hidden) for i in range(layers)]
-    if out is not None:
-        mods.append(linear(hidden if layers else inp, out, zero=zero_out))
-    return nn.Sequential(*mods)
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -505,14 +498,17 @@ class Agent(nn.Module):
         return self.rssm.initial(n), torch.zeros(n, self.spaces.action, device=device), window
 
     @torch.inference_mode()
-    def act(self, obs: dict, state: tuple, sample: bool = True) -> tuple[torch.Tensor, tuple]:
+    def act(self, obs: dict, state: tuple, sample: bool = True, context: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
         """One policy step for a batch of envs. obs: tensors (N, ...) with "is_first"; returns actions
         (N, A) in [-1, 1] and the next state. The action is a_t, stored as the next record's a_{t-1}.
-        A learned ctx_t comes from this env's window of the current episode's transitions up to o_t."""
+        A learned ctx_t comes from this env's window of the current episode's transitions up to o_t.
+        `context` (N, X), the true normalised context, is read by the oracle baselines alone."""
         latent, prev_action, window = state
         x = obs["image"] if self.spaces.image is not None else obs["obs"].float()
         if self.cfg.context == "oracle":
-            ctx = seq_ctx = obs["context"].float()  # constant within an episode: ctx_{t-1} = ctx_t
+            if context is None:
+                raise ValueError("a --context oracle agent acts on the true context: pass act(..., context=...)")
+            ctx = seq_ctx = context.float()  # constant within an episode: ctx_{t-1} = ctx_t
             embed = self.encoder(x, ctx if self.ctx_enc else None)
         else:
             embed = self.encoder(x)

@@ -20,16 +20,18 @@ to CARL's XML route for walker.
 Public API (the context protocol itself -- features, ranges, sampling, grid -- lives in contexts.py and
 is re-exported here):
     CONTEXT_FEATURES[task]                       feature name -> ContextFeature (defaults, ranges, grid)
-    make_env(task, obs, contexts, seed, action_repeat) -> ContextualDMC   (gymnasium-style)
+    make_env(task, obs, contexts, seed, action_repeat) -> ContextualDMC   (a gymnasium.Env)
     VectorEnv([...envs])                         several envs stepped as one batch, auto-reset
     train_contexts(task, setting, n, seed)       -> list[dict]           (training contexts)
     eval_contexts(task, setting)                 -> list[(dict, regime)] (zero-shot evaluation grid)
     normalize_context(task, context)             -> float32 array in [-1, 1] over the training range
     random_rollouts(task, setting, episodes, steps) -> random-policy data for probes
 
-Observations are dicts: "obs" (float32 features) or "image" (uint8 H x W x 3), plus "context" (the true
-context, normalised over the training range; only the oracle baselines may read it). `info["context"]`
-is the raw context dict.
+Observations are dicts: "obs" (float32 features) or "image" (uint8 H x W x 3). The true context is *not*
+in the observation, so that nothing wrapping the env leaks it to an agent by accident: it is in
+`info["context"]` (the raw dict) and `info["context_vector"]` (normalised over the training range, float32),
+where train.py reads it for the replay and hands it to the oracle baselines (cRSSM) alone.
+`make_env(..., context_in_obs=True)` adds it to the observation as "context" for code that wants it there.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ if "MUJOCO_GL" not in os.environ and not ctypes.util.find_library("EGL") and cty
     os.environ["MUJOCO_GL"] = "osmesa"
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+import gymnasium  # noqa: E402
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 from dm_control import suite  # noqa: E402
@@ -81,17 +84,21 @@ __all__ = ["CONTEXT_FEATURES", "SETTINGS", "TASKS", "EPISODE_STEPS", "ContextFea
 # ----------------------------------------------------------------------------------------------------
 
 
-class ContextualDMC:
-    """One DMC task whose context is re-drawn at every reset. Gymnasium-style API:
+class ContextualDMC(gymnasium.Env):
+    """One DMC task whose context is re-drawn at every reset, as a gymnasium.Env (passes
+    gymnasium.utils.env_checker.check_env):
 
-        obs, info = env.reset(seed=None)
-        obs, reward, terminated, truncated, info = env.step(action)   # action: float (A,) in [-1, 1]
+        obs, info = env.reset(seed=None, options=None)    # options={"context": {...}}: this episode's context
+        obs, reward, terminated, truncated, info = env.step(action)   # action: float (A,) in action_space
 
     Each episode takes the next context of this env's own shuffled round robin over `contexts`
     (reshuffled every cycle), applied by patching the compiled model in place: no XML rebuild, no new GL
     context. `action_repeat` control steps per `step`, rewards summed. DMC tasks never terminate; the
-    1000-step time limit is a truncation.
+    1000-step time limit is a truncation. Actions outside the action space are an error, not clipped.
+    The true context is in `info`, not in the observation, unless `context_in_obs` (see the module doc).
     """
+
+    metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(
         self,
@@ -102,6 +109,7 @@ class ContextualDMC:
         action_repeat: int = 2,
         image_size: int = 64,
         camera_id: int = 0,
+        context_in_obs: bool = False,
     ):
         if obs not in ("features", "pixels"):
             raise ValueError(f"unknown observation kind {obs!r}; choose 'features' or 'pixels'")
@@ -140,6 +148,16 @@ class ContextualDMC:
         self.obs_size = int(sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values()))
         self.image_shape = (image_size, image_size, 3)
         self.control_timestep = float(self._env.control_timestep())  # seconds per control step (not per agent step)
+        self.context_in_obs = context_in_obs
+        spaces = gymnasium.spaces
+        fields = {"image": spaces.Box(0, 255, self.image_shape, np.uint8)} if obs == "pixels" else {
+            "obs": spaces.Box(-np.inf, np.inf, (self.obs_size,), np.float32)}  # fmt: skip
+        if context_in_obs:
+            fields["context"] = spaces.Box(-np.inf, np.inf, (len(self.features),), np.float32)
+        self.observation_space = spaces.Dict(fields)
+        self.action_space = spaces.Box(self.action_low, self.action_high, (self.action_size,), np.float32)
+        self.render_mode = "rgb_array" if obs == "pixels" else None
+        self.metadata = {**self.metadata, "render_fps": round(1 / (self.control_timestep * action_repeat))}
         self._seed_streams(seed)
         self._pre_reset_rng: dict | None = None
         self.context: dict[str, float] = self.contexts[0]
@@ -193,14 +211,23 @@ class ContextualDMC:
         task = (name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss))
         return {"task": task, "order_rng": order_rng, "order": [int(i) for i in self._order]}
 
-    def reset(self, seed: int | None = None) -> tuple[dict, dict]:
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        """Start an episode in the next context of the round robin, or in options["context"] (a full or
+        partial context dict; missing features take their defaults). `seed` reseeds this env's streams."""
+        super().reset(seed=seed)
+        unknown = set(options or {}) - {"context"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; the only option is 'context'")
         if seed is not None:
             self._seed_streams(seed)
         self._pre_reset_rng = self._current_rng()
-        self.apply_context(self._next_context())
+        context = self._next_context()
+        if options and options.get("context") is not None:
+            context = {**default_context(self.task), **options["context"]}
+        self.apply_context(context)
         time_step = self._env.reset()
         self._needs_reset = False
-        return self._observe(time_step), {"context": dict(self.context)}
+        return self._observe(time_step), self._info()
 
     def step(self, action) -> tuple[dict, float, bool, bool, dict]:
         if self._needs_reset:
@@ -208,6 +235,8 @@ class ContextualDMC:
         action = np.asarray(action, np.float64)
         if action.shape != (self.action_size,):
             raise ValueError(f"action shape {action.shape}: expected ({self.action_size},)")
+        if (action < self.action_low).any() or (action > self.action_high).any() or not np.isfinite(action).all():
+            raise ValueError(f"action {action.tolist()} outside the action space [{self.action_low[0]:g}, {self.action_high[0]:g}]^{self.action_size}")
         reward = 0.0
         for _ in range(self.action_repeat):
             time_step = self._env.step(action)
@@ -216,20 +245,25 @@ class ContextualDMC:
                 break
         truncated = time_step.last()  # the time limit; DMC's discount stays 1 there
         self._needs_reset = truncated
-        return self._observe(time_step), reward, False, truncated, {"context": dict(self.context)}
+        return self._observe(time_step), float(reward), False, truncated, self._info()
+
+    def _info(self) -> dict:
+        return {"context": dict(self.context), "context_vector": normalize_context(self.task, self.context)}
 
     def _observe(self, time_step) -> dict[str, np.ndarray]:
-        out = {"context": normalize_context(self.task, self.context)}
+        out = {}
         if self._camera is not None:
             out["image"] = self.render()
         else:
             out["obs"] = np.concatenate([np.asarray(v, np.float32).ravel() for v in time_step.observation.values()])
+        if self.context_in_obs:
+            out["context"] = normalize_context(self.task, self.context)
         return out
 
-    def render(self) -> np.ndarray:
-        """The current frame, (H, W, 3) uint8 (pixel envs only)."""
+    def render(self) -> np.ndarray | None:
+        """The current frame, (H, W, 3) uint8 (pixel envs; None for feature envs, which have no camera)."""
         if self._camera is None:
-            raise RuntimeError("render() needs obs='pixels'")
+            return None
         # Camera.render returns a flipped view of a buffer it reuses: copy, or every stored frame would
         # silently become the latest one.
         return self._camera.render().copy()
@@ -245,9 +279,10 @@ def make_env(
     seed: int = 0,
     action_repeat: int = 2,
     image_size: int = 64,
+    context_in_obs: bool = False,
 ) -> ContextualDMC:
     """A contextual DMC env; `contexts` is cycled one per episode (None: the default context)."""
-    return ContextualDMC(task, obs, contexts, seed, action_repeat, image_size)
+    return ContextualDMC(task, obs, contexts, seed, action_repeat, image_size, context_in_obs=context_in_obs)
 
 
 def random_rollouts(task: Task, setting: str, episodes: int, steps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -260,8 +295,8 @@ def random_rollouts(task: Task, setting: str, episodes: int, steps: int, seed: i
     actions = np.zeros((episodes, steps + 1, env.action_size), np.float32)
     contexts = np.zeros((episodes, len(env.features)), np.float32)
     for e in range(episodes):
-        o, _ = env.reset()
-        obs[e, 0], contexts[e] = o["obs"], o["context"]
+        o, info = env.reset()
+        obs[e, 0], contexts[e] = o["obs"], info["context_vector"]
         for t in range(1, steps + 1):
             actions[e, t] = rng.uniform(-1, 1, env.action_size)
             obs[e, t] = env.step(actions[e, t])[0]["obs"]
@@ -273,7 +308,8 @@ class VectorEnv:
 
     An env whose episode ended is reset inside `step`: the returned observation is then the first one of
     its new episode and `is_first[i]` is True (DreamerV3's convention), with the last observation of the
-    old episode in `info["final_obs"][i]`.
+    old episode in `info["final_obs"][i]` and its normalised context in `info["final_context_vector"][i]`.
+    `info["context_vector"]` (N, X) is the normalised true context of each returned observation.
     """
 
     def __init__(self, envs: list[ContextualDMC]):
@@ -287,28 +323,29 @@ class VectorEnv:
         results = [env.reset(seed=None if seed is None else seed + i) for i, env in enumerate(self.envs)]
         obs = self._stack([o for o, _ in results])
         obs["is_first"] = np.ones(self.num_envs, bool)
-        return obs, {"context": [info["context"] for _, info in results]}
+        infos = [info for _, info in results]
+        return obs, {"context": [i["context"] for i in infos], "context_vector": np.stack([i["context_vector"] for i in infos])}
 
     def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
         actions = np.asarray(actions)
         if actions.shape != (self.num_envs, self.action_size):
             raise ValueError(f"actions shape {actions.shape}: expected ({self.num_envs}, {self.action_size})")
-        obs_list, rewards, terms, truncs, contexts, final = [], [], [], [], [], {}
+        obs_list, rewards, terms, truncs, contexts, final, final_context = [], [], [], [], [], {}, {}
         is_first = np.zeros(self.num_envs, bool)
         for i, (env, action) in enumerate(zip(self.envs, actions)):
             o, r, term, trunc, info = env.step(action)
-            contexts.append(info["context"])
             if term or trunc:
-                final[i] = o
-                o, _ = env.reset()
+                final[i], final_context[i] = o, info["context_vector"]
+                o, info = env.reset()
                 is_first[i] = True
+            contexts.append(info["context_vector"])
             obs_list.append(o)
             rewards.append(r)
             terms.append(term)
             truncs.append(trunc)
         obs = self._stack(obs_list)
         obs["is_first"] = is_first
-        info = {"context": contexts, "final_obs": final}
+        info = {"context_vector": np.stack(contexts), "final_obs": final, "final_context_vector": final_context}
         return obs, np.asarray(rewards, np.float32), np.asarray(terms), np.asarray(truncs), info
 
     @staticmethod

@@ -62,12 +62,13 @@ def episode_returns(
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         vec = envs.VectorEnv([envs.make_env(task, obs, [context], seed, action_repeat) for context, seed in chunk])
-        o, _ = vec.reset()
+        o, info = vec.reset()
         state = agent.initial_state(vec.num_envs)
         total, done = np.zeros(vec.num_envs), np.zeros(vec.num_envs, bool)
         while not done.all():  # the VectorEnv auto-resets finished envs; their later rewards are ignored
-            action, state = agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state, sample=sample)
-            o, reward, term, trunc, _ = vec.step(action.cpu().numpy())
+            oracle = torch.as_tensor(info["context_vector"], device=device) if agent.cfg.context == "oracle" else None
+            action, state = agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state, sample=sample, context=oracle)
+            o, reward, term, trunc, info = vec.step(action.cpu().numpy())
             total += reward * ~done
             done |= term | trunc
         vec.close()

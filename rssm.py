@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from layers import Dense, linear, trunc_normal_
+
 
 @dataclass(frozen=True)
 class RSSMConfig:
@@ -42,46 +44,6 @@ class RSSMConfig:
     """Fraction of uniform distribution mixed into every categorical (avoids zero-probability KL spikes)."""
     norm_eps: float = 1e-3
     """LayerNorm epsilon, as in DreamerV3."""
-
-
-def symlog(x: torch.Tensor) -> torch.Tensor:
-    """DreamerV3 eq. 1: sign(x) ln(|x| + 1), squashes inputs and targets of any scale."""
-    return torch.sign(x) * torch.log1p(x.abs())
-
-
-def symexp(x: torch.Tensor) -> torch.Tensor:
-    """The inverse of symlog."""
-    return torch.sign(x) * torch.expm1(x.abs())
-
-
-def trunc_normal_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """DreamerV3's initialiser: truncated normal with variance scale / fan_avg (0.8796 corrects truncation)."""
-    fan_out, fan_in = weight.shape[0], weight[0].numel()
-    receptive = weight[0, 0].numel() if weight.dim() > 2 else 1
-    fan_avg = (fan_in + fan_out * receptive) / 2
-    std = (scale / fan_avg) ** 0.5 / 0.87962566103423978
-    with torch.no_grad():
-        return nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
-
-
-class Dense(nn.Sequential):
-    """Linear -> LayerNorm -> SiLU, the building block of every DreamerV3 network."""
-
-    def __init__(self, inp: int, out: int, eps: float = 1e-3):
-        linear = nn.Linear(inp, out, bias=False)  # LayerNorm's bias replaces it
-        trunc_normal_(linear.weight)
-        super().__init__(linear, nn.LayerNorm(out, eps=eps), nn.SiLU())
-
-
-def linear(inp: int, out: int, zero: bool = False) -> nn.Linear:
-    """An output layer; `zero` initialises it to zeros (DreamerV3's reward head and critic)."""
-    layer = nn.Linear(inp, out)
-    if zero:
-        nn.init.zeros_(layer.weight)
-    else:
-        trunc_normal_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class RSSM(nn.Module):

@@ -200,15 +200,38 @@ def test_round_robin_visits_every_context_once_per_cycle():
     assert seen[:5] != seen[5:10]  # reshuffled every cycle
 
 
-def test_observation_holds_normalized_true_context():
+def test_true_context_is_in_info_not_in_the_observation():
     env = _env("walker", {"gravity": 4.9, "actuator_strength": 1.5})
     obs, info = env.reset()
-    assert obs["obs"].dtype == np.float32 and obs["obs"].shape == (24,)
-    np.testing.assert_allclose(obs["context"], [-1.0, 1.0], atol=1e-6)
+    assert set(obs) == {"obs"} and obs["obs"].dtype == np.float32 and obs["obs"].shape == (24,)
+    np.testing.assert_allclose(info["context_vector"], [-1.0, 1.0], atol=1e-6)
     assert info["context"] == {"gravity": 4.9, "actuator_strength": 1.5}
-    obs, *_ = env.step(np.zeros(6))
-    np.testing.assert_allclose(obs["context"], [-1.0, 1.0], atol=1e-6)
+    obs, _, _, _, info = env.step(np.zeros(6))
+    np.testing.assert_allclose(info["context_vector"], [-1.0, 1.0], atol=1e-6)
     assert envs.normalize_context("ball_in_cup", {"gravity": 9.8, "distance": 0.3}) == pytest.approx([0, 0], abs=1e-6)
+    visible = envs.make_env("walker", contexts=[{"gravity": 4.9, "actuator_strength": 1.5}], context_in_obs=True)
+    obs, _ = visible.reset()
+    np.testing.assert_allclose(obs["context"], [-1.0, 1.0], atol=1e-6)  # only where asked for
+
+
+@pytest.mark.parametrize("obs", ["features", "pixels"])
+def test_env_is_a_gymnasium_env_that_passes_check_env(obs):
+    import gymnasium
+    from gymnasium.utils.env_checker import check_env
+
+    env = envs.make_env("ball_in_cup", obs, envs.train_contexts("ball_in_cup", "single_0", 5), seed=0)
+    assert isinstance(env, gymnasium.Env)
+    check_env(env, skip_render_check=obs == "features")
+    o, info = env.reset(seed=3, options={"context": {"gravity": 2.0}})
+    assert info["context"] == {"gravity": 2.0, "distance": 0.3} and env.observation_space.contains(o)
+    assert env.action_space.shape == (2,) and env.action_space.low.min() == -1 and env.action_space.high.max() == 1
+    with pytest.raises(ValueError, match=r"action \[1.5, 0.0\] outside the action space \[-1, 1\]"):
+        env.step(np.array([1.5, 0.0]))
+    with pytest.raises(ValueError, match="unknown reset options"):
+        env.reset(options={"gravity": 2.0})
+    wrapped = gymnasium.wrappers.RecordEpisodeStatistics(env)  # standard wrappers work
+    wrapped.reset(seed=0)
+    assert "obs" in wrapped.step(np.zeros(2))[0] or obs == "pixels"
 
 
 def test_pixels_shape_change_over_episode_and_differ_between_contexts():
@@ -216,7 +239,7 @@ def test_pixels_shape_change_over_episode_and_differ_between_contexts():
     for d in [0.15, 0.6]:
         env = envs.make_env("ball_in_cup", obs="pixels", contexts=[{"distance": d}], seed=0)
         obs, _ = env.reset()
-        assert set(obs) == {"image", "context"}
+        assert set(obs) == {"image"}  # the true context is in info, not in the observation
         assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
         first = obs["image"]
         for _ in range(20):
@@ -229,13 +252,13 @@ def test_pixels_shape_change_over_episode_and_differ_between_contexts():
 def test_vector_env_batches_and_auto_resets():
     vec = envs.VectorEnv([envs.make_env("ball_in_cup", seed=i, action_repeat=4) for i in range(3)])
     obs, info = vec.reset()
-    assert obs["obs"].shape == (3, 8) and obs["context"].shape == (3, 2) and obs["is_first"].all()
+    assert obs["obs"].shape == (3, 8) and info["context_vector"].shape == (3, 2) and obs["is_first"].all() and "context" not in obs
     assert not np.array_equal(obs["obs"][0], obs["obs"][1])  # envs are seeded apart
     for t in range(envs.EPISODE_STEPS // 4):
         obs, rew, term, trunc, info = vec.step(np.zeros((3, 2)))
         assert rew.shape == (3,) and not term.any()
         assert obs["is_first"].all() == trunc.all() == (t == envs.EPISODE_STEPS // 4 - 1)
-    assert sorted(info["final_obs"]) == [0, 1, 2]
+    assert sorted(info["final_obs"]) == sorted(info["final_context_vector"]) == [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -489,7 +512,7 @@ def test_context_unaware_agent_ignores_true_context_and_oracle_reads_it(integrat
             state, actions = agent.initial_state(3), []
             for t in range(4):  # a few steps, so a learned agent's window fills
                 obs = {"obs": b["obs"][:, t], "context": b["context"][:, t], "is_first": b["is_first"][:, t]}
-                action, state = agent.act(obs, state, sample=False)
+                action, state = agent.act(obs, state, sample=False, context=b["context"][:, t])
                 actions.append(action.flatten())
             outputs.append(torch.cat([torch.stack([v.sum() for v in losses.values()]), *actions]))
         assert (not torch.equal(*outputs)) == should_change, context
@@ -506,7 +529,7 @@ def test_agent_checkpoint_round_trip_reproduces_outputs(tmp_path):
     obs = {"obs": b["obs"][:, 0], "context": b["context"][:, 0], "is_first": b["is_first"][:, 0]}
     for model in (agent, clone):
         torch.manual_seed(3)
-        model.out = (model.act(obs, model.initial_state(3), sample=True)[0], model.world_model_loss(b, *model.context(b)[:2])[0]["dec"])
+        model.out = (model.act(obs, model.initial_state(3), sample=True, context=b["context"][:, 0])[0], model.world_model_loss(b, *model.context(b)[:2])[0]["dec"])
     torch.testing.assert_close(agent.out, clone.out, rtol=0, atol=0)
 
 
@@ -903,14 +926,14 @@ def test_replay_records_replay_the_real_episodes(tmp_path):
         env = envs.make_env(args.task, args.obs, contexts, args.seed + i, args.action_repeat)
         for t in range(2 * episode):
             if t % episode == 0:
-                o, _ = env.reset()
+                o, info = env.reset()
                 assert data["is_first"][i, t] and not data["action"][i, t].any() and data["reward"][i, t] == 0
             else:
-                o, r, term, trunc, _ = env.step(data["action"][i, t])
+                o, r, term, trunc, info = env.step(data["action"][i, t])
                 assert not data["is_first"][i, t] and data["reward"][i, t] == pytest.approx(r, abs=1e-6)
                 assert data["is_terminal"][i, t] == term and trunc == (t % episode == episode - 1)
             np.testing.assert_array_equal(data["obs"][i, t], o["obs"], err_msg=f"env {i} record {t}")
-            np.testing.assert_array_equal(data["context"][i, t], o["context"])
+            np.testing.assert_array_equal(data["context"][i, t], info["context_vector"])
     assert args.prefill < episode * args.action_repeat * args.envs  # the handover happened inside episode 1
 
 
@@ -921,14 +944,14 @@ def test_evaluation_starts_every_episode_from_a_fresh_agent_state():
     seen = []
     act = agent.act
 
-    def spy(obs, state, sample=True):
+    def spy(obs, state, sample=True, context=None):
         latent, prev_action, window = state
         if obs["is_first"].any():
             fresh = agent.rssm.initial(len(prev_action))
             seen.append(all(torch.equal(latent[k][obs["is_first"]], fresh[k][obs["is_first"]]) for k in ("deter", "stoch"))
                         and not prev_action[obs["is_first"]].any() and not window.valid[obs["is_first"]].any()
                         and window.ctx is None)  # fmt: skip
-        return act(obs, state, sample)
+        return act(obs, state, sample, context)
 
     agent.act = spy
     jobs = [(envs.default_context("ball_in_cup"), seed) for seed in range(3)]

@@ -183,7 +183,8 @@ def main(args: Args) -> dict:
         for env, state in zip(vec.envs, ckpt["rng"]["envs"]):
             env.set_rng_state(state)  # the envs replay the reset that followed the checkpoint's episode end
 
-    obs, _ = vec.reset()
+    obs, info = vec.reset()
+    true_context = info["context_vector"]  # (N, X): stored in the replay; read by the oracle baselines alone
     state = agent.initial_state(args.envs)
     prev_action = np.zeros((args.envs, vec.action_size), np.float32)
     reward, is_terminal = np.zeros(args.envs, np.float32), np.zeros(args.envs, bool)
@@ -212,12 +213,13 @@ def main(args: Args) -> dict:
         # Store record t = (o_t, a_{t-1}, r_t, is_first_t, is_terminal_t, ctx_t) of every env.
         for i in range(args.envs):
             replay.add(i, {obs_key: obs[obs_key][i], "action": prev_action[i], "reward": reward[i], "is_first": obs["is_first"][i],
-                           "is_terminal": is_terminal[i], "context": obs["context"][i]})  # fmt: skip
+                           "is_terminal": is_terminal[i], "context": true_context[i]})  # fmt: skip
         # Act
         if c["env_steps"] < args.prefill:
             action = action_rng.uniform(-1, 1, (args.envs, vec.action_size)).astype(np.float32)
         else:
-            action_t, state = agent.act(to_torch(obs, device), state)
+            oracle = torch.as_tensor(true_context, device=device) if args.agent.context == "oracle" else None
+            action_t, state = agent.act(to_torch(obs, device), state, context=oracle)
             action = action_t.cpu().numpy()
         obs, reward, term, trunc, info = vec.step(action)
         ep_return += reward
@@ -226,12 +228,13 @@ def main(args: Args) -> dict:
         # Episode ends: store the last record of the old episode; the new one starts with a_{-1} = 0, r = 0.
         for i, final in info["final_obs"].items():
             replay.add(i, {obs_key: final[obs_key], "action": action[i], "reward": reward[i], "is_first": False,
-                           "is_terminal": term[i], "context": final["context"]})  # fmt: skip
+                           "is_terminal": term[i], "context": info["final_context_vector"][i]})  # fmt: skip
             logger.add({"episode/return": ep_return[i], "episode/length": envs.EPISODE_STEPS // args.action_repeat})
             progress.set_postfix(ret=f"{ep_return[i]:.1f}")
             ep_return[i] = 0.0
             c["episodes"] += 1
         done = obs["is_first"]
+        true_context = info["context_vector"]
         prev_action = np.where(done[:, None], 0.0, action).astype(np.float32)
         reward = np.where(done, 0.0, reward).astype(np.float32)
         is_terminal = np.where(done, False, term)

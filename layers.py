@@ -1,0 +1,56 @@
+"""DreamerV3's building blocks (Hafner et al., arXiv:2301.04104, Sec. 2 and App. B), shared by the RSSM, the
+agent's networks and the context encoder: the symlog transform, the truncated-normal initialiser, the
+Dense block (Linear -> LayerNorm -> SiLU), output layers and MLPs made of them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    """DreamerV3 eq. 1: sign(x) ln(|x| + 1), squashes inputs and targets of any scale."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of symlog."""
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+def trunc_normal_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """DreamerV3's initialiser: truncated normal with variance scale / fan_avg (0.8796 corrects truncation)."""
+    fan_out, fan_in = weight.shape[0], weight[0].numel()
+    receptive = weight[0, 0].numel() if weight.dim() > 2 else 1
+    fan_avg = (fan_in + fan_out * receptive) / 2
+    std = (scale / fan_avg) ** 0.5 / 0.87962566103423978
+    with torch.no_grad():
+        return nn.init.trunc_normal_(weight, 0.0, std, -2 * std, 2 * std)
+
+
+class Dense(nn.Sequential):
+    """Linear -> LayerNorm -> SiLU, the building block of every DreamerV3 network."""
+
+    def __init__(self, inp: int, out: int, eps: float = 1e-3):
+        linear = nn.Linear(inp, out, bias=False)  # LayerNorm's bias replaces it
+        trunc_normal_(linear.weight)
+        super().__init__(linear, nn.LayerNorm(out, eps=eps), nn.SiLU())
+
+
+def linear(inp: int, out: int, zero: bool = False) -> nn.Linear:
+    """An output layer; `zero` initialises it to zeros (DreamerV3's reward head and critic)."""
+    layer = nn.Linear(inp, out)
+    if zero:
+        nn.init.zeros_(layer.weight)
+    else:
+        trunc_normal_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def mlp(inp: int, hidden: int, layers: int, out: int | None = None, zero_out: bool = False) -> nn.Sequential:
+    """`layers` x Dense(hidden) [+ a linear output layer]."""
+    mods = [Dense(inp if i == 0 else hidden, hidden) for i in range(layers)]
+    if out is not None:
+        mods.append(linear(hidden if layers else inp, out, zero=zero_out))
+    return nn.Sequential(*mods)
