@@ -11,10 +11,12 @@ every step exactly as when acting (the window of the current episode's transitio
 A counterfactual replaces ctx by ctx + m sigma_d e_d: dimension d shifted by m standard deviations, sigma_d
 being the std of dimension d over many windows from many contexts. It is applied wherever the agent reads
 ctx: in the posterior while filtering the real prefix (both integrations) and, with deep integration, in
-the sequence model, heads and decoder at every imagined step. A shallow (DALI-S) agent reads ctx only in
-the posterior, so there the shift acts only through the filtered start state; the paper's counterfactual
-analysis uses the deep variant. Every rollout of a comparison uses the same random numbers, so m = 0
-reproduces the unperturbed dream exactly.
+the sequence model at every imagined step. The decoder of a deep agent also reads ctx; it decodes with the
+unshifted ctx (--decode-shifted to change that), so that what moves in a dream moved in the imagined
+dynamics. A shallow (DALI-S) agent reads ctx only in the posterior, so there the shift acts only through
+the filtered start state; the paper's counterfactual analysis uses the deep variant. Every rollout of a
+comparison uses the same random numbers, so m = 0 reproduces the unperturbed dream exactly. The measures
+themselves (probes, rank correlations with bootstrap CIs, real-env rollouts) are in probes.py.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ import figures
 from checkpoint import load_agent, resolve_device
 from dali import Agent, sequence_context
 from layers import symexp
+from probes import bootstrap_rank_corr, correlations, implied_gravity, probe_table, real_rollout
 
 MIN_GRAVITY = 0.1  # m/s^2: a read-out below this (or negative) is run at this gravity in the real env
 BALL_Z_VELOCITY = 7  # ball_in_cup features: qpos (cup x, cup z, ball x, ball z), then qvel in that order
-BALL_DIMS = (2, 3, 6, 7)  # the ball's position and velocity
 OBS_NAMES = {"ball_in_cup": ["cup x", "cup z", "ball x", "ball z", "cup vx", "cup vz", "ball vx", "ball vz"]}
 
 # ----------------------------------------------------------------------------------------------------
@@ -93,52 +95,6 @@ def ctx_sigma(ctx: torch.Tensor, start: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Probes
-# ----------------------------------------------------------------------------------------------------
-
-
-def linear_r2(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
-    """R^2 on held-out data of a least-squares linear probe (with bias) from x (N, D) to each column of y."""
-    fit = lambda x: np.concatenate([x, np.ones((len(x), 1))], 1)  # noqa: E731
-    w = np.linalg.lstsq(fit(x_train), y_train, rcond=None)[0]
-    pred = fit(x_test) @ w
-    total = ((y_test - y_test.mean(0)) ** 2).sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):  # nan for a column that does not vary
-        return np.where(total > 0, 1 - ((pred - y_test) ** 2).sum(0) / total, np.nan)
-
-
-def probe_table(ctx: np.ndarray, true: np.ndarray, held_out: np.ndarray, names: list[str], inside: np.ndarray | None = None) -> dict:
-    """Correlation of every ctx dim with every true feature and the held-out linear-probe R^2 of each feature.
-    ctx (E, P, X) at P probe steps per episode, true (E, F), held_out (E,) bool: episodes of test contexts;
-    inside (E,) bool: episodes whose context lies in the training range. Over the whole evaluation grid
-    (gravity 0.98 to 19.6) the spread of the true values inflates R^2, so it is also reported with probe
-    and test episodes both inside the training range (`r2_linear_train_range`)."""
-    X, F = ctx.shape[-1], true.shape[-1]
-    y = np.repeat(true[:, None], ctx.shape[1], 1)  # (E, P, F)
-    corr, best = correlations(ctx, true, names)
-
-    def r2(train, test):
-        return linear_r2(ctx[train].reshape(-1, X), y[train].reshape(-1, F), ctx[test].reshape(-1, X), y[test].reshape(-1, F))
-
-    nan_to_none = lambda a: [None if np.isnan(v) else float(v) for v in a]  # noqa: E731  (JSON has no nan)
-    table = {"features": names, "corr": [nan_to_none(row) for row in corr], "r2_linear": dict(zip(names, nan_to_none(r2(~held_out, held_out))))}
-    if inside is not None and (inside & ~held_out).any() and (inside & held_out).any():
-        table["r2_linear_train_range"] = dict(zip(names, nan_to_none(r2(inside & ~held_out, inside & held_out))))
-    return {**table, "best_dim": best}
-
-
-def correlations(ctx: np.ndarray, true: np.ndarray, names: list[str]) -> tuple[np.ndarray, dict[str, int]]:
-    """Pearson correlation (X, F) of ctx (E, P, X) with the true context (E, F) over all windows, and for every
-    feature that varies, the dimension with the largest |correlation|."""
-    X = ctx.shape[-1]
-    y = np.repeat(true[:, None], ctx.shape[1], 1).reshape(-1, true.shape[-1])
-    with np.errstate(invalid="ignore", divide="ignore"):  # a constant feature has no correlation (nan)
-        corr = np.corrcoef(ctx.reshape(-1, X).T, y.T)[:X, X:]
-    best = {n: int(np.nanargmax(np.abs(corr[:, f]))) for f, n in enumerate(names) if true[:, f].std() > 0}
-    return corr, best
-
-
-# ----------------------------------------------------------------------------------------------------
 # Counterfactual dreams
 # ----------------------------------------------------------------------------------------------------
 
@@ -180,68 +136,6 @@ def _dream_one(agent: Agent, ep: Episodes, ctx, index, start, horizon, actions, 
     N, L = feat.shape[:2]
     img = decoder.net(decoder.inp(feat).reshape(N * L, -1, decoder.minres, decoder.minres))
     return (img.permute(0, 2, 3, 1).reshape(N, L, *agent.spaces.image) + 0.5).clamp(0, 1)
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation, ties sharing their average rank; nan when either side is constant."""
-
-    def rank(v):
-        v = np.asarray(v, float)
-        r = np.empty(len(v))
-        r[np.argsort(v, kind="stable")] = np.arange(len(v))
-        for value in np.unique(v):
-            r[v == value] = r[v == value].mean()
-        return r
-
-    ra, rb = rank(a), rank(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def implied_gravity(decoded: np.ndarray, env: envs.ContextualDMC, contexts: list[dict], physics: np.ndarray, actions: np.ndarray,
-                    grid: np.ndarray) -> np.ndarray:  # fmt: skip
-    """The gravity a dream looks like: for each dream, the gravity of the grid whose real rollout (same start
-    state, same actions, the episode's other context features) is closest to the dream's ball trajectory.
-    decoded (M, N, H + 1, O) ball_in_cup features, contexts (N,), physics (N, P) start states, actions
-    (N, H, A), grid (G,) -> (M, N). Real rollouts passed in as dreams give back their own gravity (tested)."""
-    ball = list(BALL_DIMS)
-    implied = np.zeros(decoded.shape[:2])
-    for n, context in enumerate(contexts):
-        runs = np.stack([real_rollout(env, {**context, "gravity": float(g)}, physics[n], actions[n]) for g in grid])  # (G, H+1, O)
-        error = ((decoded[:, n][:, None][..., ball] - runs[None][..., ball]) ** 2).sum((-2, -1))  # (M, G)
-        implied[:, n] = grid[error.argmin(-1)]
-    return implied
-
-
-def bootstrap_rank_corr(x: np.ndarray, y: np.ndarray, reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Spearman correlation over the M shifts of x and y averaged over N start states, (M, N) each, with a
-    95% percentile-bootstrap CI from resampling the start states: (point, low, high). Five shift values
-    alone carry no uncertainty; the start states do."""
-    rng = np.random.default_rng(seed)
-    point = spearman(x.mean(1), y.mean(1))
-    draws = []
-    for _ in range(reps):
-        n = rng.integers(0, x.shape[1], x.shape[1])
-        draws.append(spearman(x[:, n].mean(1), y[:, n].mean(1)))
-    draws = np.asarray(draws)
-    draws = draws[~np.isnan(draws)]
-    if len(draws) == 0:
-        return point, float("nan"), float("nan")
-    return point, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
-
-
-def real_rollout(env: envs.ContextualDMC, context: dict, physics_state: np.ndarray, actions: np.ndarray) -> np.ndarray:
-    """The real env's features (H + 1, O), started from `physics_state` in `context` and driven by `actions`
-    (H, A). One env serves every rollout: each one resets it, patches the context, and sets the state."""
-    env.reset()
-    env.apply_context(context)
-    env.physics.set_state(physics_state)
-    env.physics.forward()
-    obs = [np.concatenate([env.physics.data.qpos, env.physics.data.qvel]).astype(np.float32)]  # ball_in_cup's features
-    for a in actions:
-        obs.append(env.step(a)[0]["obs"])
-    return np.stack(obs)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -960,9 +960,9 @@ def test_evaluation_starts_every_episode_from_a_fresh_agent_state():
 
 
 def test_implied_gravity_of_real_rollouts_is_their_true_gravity():
-    """counterfactual.implied_gravity on a known answer: real rollouts at known gravities, passed in as the
+    """probes.implied_gravity on a known answer: real rollouts at known gravities, passed in as the
     "dream", are each matched to their own gravity."""
-    import counterfactual
+    import probes
 
     env = envs.make_env("ball_in_cup", "features", None, 0, 2)
     env.reset()
@@ -972,8 +972,8 @@ def test_implied_gravity_of_real_rollouts_is_their_true_gravity():
     context = envs.default_context("ball_in_cup")
     actions = np.tile(np.array([[0.2, 0.4]]), (12, 1))
     grid = np.array([2.45, 4.9, 9.81, 14.7, 19.6])
-    dreams = np.stack([counterfactual.real_rollout(env, {**context, "gravity": g}, physics, actions) for g in (4.9, 19.6, 9.81)])
-    implied = counterfactual.implied_gravity(dreams[:, None], env, [context], physics[None], actions[None], grid)
+    dreams = np.stack([probes.real_rollout(env, {**context, "gravity": g}, physics, actions) for g in (4.9, 19.6, 9.81)])
+    implied = probes.implied_gravity(dreams[:, None], env, [context], physics[None], actions[None], grid)
     np.testing.assert_array_equal(implied[:, 0], [4.9, 19.6, 9.81])
 
 
@@ -1332,7 +1332,7 @@ def test_context_wiring_shallow_vs_deep():
 
 
 def _linear_probe_r2(x_train, y_train, x_test, y_test):
-    from counterfactual import linear_r2  # the probe counterfactual.py reports
+    from probes import linear_r2  # the probe counterfactual.py reports
 
     return float(linear_r2(*(a.double().numpy() for a in (x_train, y_train, x_test, y_test)))[0])
 
@@ -1517,6 +1517,7 @@ def test_aggregate_rejects_bad_results_files(tiny_dali_run, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 import counterfactual  # noqa: E402
+import probes  # noqa: E402
 
 CF_FLAGS = ["--steps", "15", "--threads", "1"]
 
@@ -1550,7 +1551,7 @@ def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path):
     assert len(res["imagined_acceleration"]) == len(res["real_acceleration"]) == len(res["implied_gravity"]) == 5
     assert np.all(np.diff(res["gravity"]) != 0) and -1 <= res["rank_corr_imagined"] <= 1
     assert all(0.98 <= g <= 19.6 for g in res["implied_gravity"])  # means of grid gravities
-    assert np.isnan(counterfactual.spearman([1, 2, 3], [5, 5, 5])) and counterfactual.spearman([1, 2, 3], [3, 2, 1]) == -1
+    assert np.isnan(probes.spearman([1, 2, 3], [5, 5, 5])) and probes.spearman([1, 2, 3], [3, 2, 1]) == -1
     with pytest.raises(SystemExit, match="needs --context learned"):
         none_run = tmp_path / "none"
         train.main(train.cli([*TINY_FLAGS, "--steps", "1000", "--context", "none", "--logdir", str(none_run)]))

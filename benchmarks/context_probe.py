@@ -26,7 +26,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dali  # noqa: E402
 import envs  # noqa: E402
-from counterfactual import linear_r2  # noqa: E402
+from probes import linear_r2  # noqa: E402
 from context_encoder import ContextEncoder, ContextEncoderConfig, forward_dynamics_loss  # noqa: E402
 from rssm import RSSMConfig  # noqa: E402
 
