@@ -1535,13 +1535,16 @@ def test_counterfactual_sigma_positive_and_m_zero_reproduces_the_dream(tiny_dali
     shifted = counterfactual.dream(agent, ep, ctx, index, 8, 6, actions, deltas, seed=0)
     assert shifted.shape == (3, 2, 7, 8)
     assert torch.equal(shifted[0], base[0])  # m = 0: the unperturbed dream, exactly
-    for m in (1, 2):
+    for m in (1, 2):  # decoded with the unshifted ctx: the change came through the imagined dynamics
         assert not torch.allclose(shifted[m], base[0], atol=1e-4)
+    through_decoder = counterfactual.dream(agent, ep, ctx, index, 8, 6, actions, deltas, seed=0, decode_shifted=True)
+    assert torch.equal(through_decoder[0], base[0]) and not torch.allclose(through_decoder[1], shifted[1])
 
 
-def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path):
+def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path, monkeypatch):
     table = counterfactual.main(["probe", "--checkpoint", str(tiny_dali_run), "--out", str(tmp_path / "probe.json"), *CF_FLAGS])
     assert table["features"] == ["gravity", "distance"] and "gravity" in table["best_dim"] and table["r2_linear"]["distance"] is None
+    assert "gravity" in table["r2_linear_train_range"]  # the probe inside the training range, besides the whole grid
     assert len(table["corr"]) == 8 and len(table["sigma"]) == 8
     out = counterfactual.main(["dream", "--checkpoint", str(tiny_dali_run), "--start", "8", "--horizon", "6", "--shifts", "-1", "0", "1",
                                "--out", str(tmp_path / "dream"), *CF_FLAGS])  # fmt: skip
@@ -1551,13 +1554,20 @@ def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path):
     assert len(res["imagined_acceleration"]) == len(res["real_acceleration"]) == len(res["implied_gravity"]) == 5
     assert np.all(np.diff(res["gravity"]) != 0) and -1 <= res["rank_corr_imagined"] <= 1
     assert all(0.98 <= g <= 19.6 for g in res["implied_gravity"])  # means of grid gravities
+    for k in ("imagined", "real", "implied"):  # bootstrap CIs over start states
+        lo, hi = res[f"rank_corr_{k}_ci95"]
+        assert np.isnan(res[f"rank_corr_{k}"]) or lo <= res[f"rank_corr_{k}"] <= hi
     assert np.isnan(probes.spearman([1, 2, 3], [5, 5, 5])) and probes.spearman([1, 2, 3], [3, 2, 1]) == -1
     with pytest.raises(SystemExit, match="needs --context learned"):
         none_run = tmp_path / "none"
         train.main(train.cli([*TINY_FLAGS, "--steps", "1000", "--context", "none", "--logdir", str(none_run)]))
         counterfactual.main(["probe", "--checkpoint", str(none_run / "ckpt.pt"), *CF_FLAGS])
+    # bad flags fail before the (slow) recording of episodes
+    monkeypatch.setattr(counterfactual, "record", lambda *a, **k: pytest.fail("recorded before checking the flags"))
     with pytest.raises(SystemExit, match="'friction' is not a context feature of ball_in_cup"):
         counterfactual.main(["dream", "--checkpoint", str(tiny_dali_run), "--feature", "friction", "--start", "8", "--horizon", "6", *CF_FLAGS])
+    with pytest.raises(SystemExit, match=r"--dim 99 outside the 8 ctx dimensions"):
+        counterfactual.main(["dream", "--checkpoint", str(tiny_dali_run), "--dim", "99", "--start", "8", "--horizon", "6", *CF_FLAGS])
 
 
 def test_dream_gif_has_one_frame_per_step_with_real_and_counterfactuals_side_by_side(tmp_path):
