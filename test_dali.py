@@ -847,6 +847,22 @@ def test_cross_modal_loss_trains_the_encoder_towards_the_detached_model_state():
     assert first[-1] < 0.7 * first[0]
 
 
+def test_train_cli_with_cross_modal_loss_trains_the_encoder(tmp_path):
+    """--ctx.cross-weight > 0 for real: a train.py run logs L_cross, and g and W end where they did not start."""
+    import json
+
+    flags = [*TINY_FLAGS, "--steps", "2000", "--contexts", "single_0", "--ctx.cross-weight", "0.5", "--logdir", str(tmp_path)]
+    args = train.cli(flags)
+    torch.manual_seed(args.seed)
+    init = checkpoint.build_agent(args, envs.make_env(args.task)).state_dict()  # the run's initial weights (same seed)
+    train.main(args)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(np.isfinite(row.get("ctx/cross_loss", np.nan)) for row in rows)
+    trained = checkpoint.load_checkpoint(tmp_path)["agent"]
+    for name in ("cross.ctx_to_state.weight", "ctx_encoder.attention.in_proj_weight", "ctx_encoder.embed.0.weight"):
+        assert not torch.equal(trained[name], init[name]), name
+
+
 def _synthetic_batch(B, L, seed):
     """Episodes of a system whose next state depends on a hidden per-episode parameter c = +-1:
     o' = 0.5 o + c a. (B, L) records in the replay convention (record t: o_t, a_{t-1})."""
@@ -1460,8 +1476,8 @@ def tiny_dali_run(tmp_path_factory):
 def test_grid_evaluation_writes_one_line_per_context_and_aggregates(tiny_dali_run, tmp_path):
     import json
 
-    out = tmp_path / "seed0.jsonl"
-    rows = evaluate.main(["run", "--checkpoint", str(tiny_dali_run), "--setting", "single_0", "--episodes", "2", "--out", str(out),
+    out = tmp_path / "new" / "folder" / "seed0.jsonl"  # folders are created before the evaluation starts
+    rows = evaluate.main(["run", "--checkpoint", str(tiny_dali_run.parent), "--setting", "single_0", "--episodes", "2", "--out", str(out),
                           "--no-progress", "--threads", "1"])  # fmt: skip
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     grid = envs.eval_contexts("ball_in_cup", "single_0")
@@ -1476,8 +1492,8 @@ def test_grid_evaluation_writes_one_line_per_context_and_aggregates(tiny_dali_ru
         f = tmp_path / f"{method}{seed}.jsonl"
         f.write_text("".join(json.dumps({**line, "method": method, "seed": seed, "returns": [r + (seed + 1) * 10 for r in line["returns"]]}) + "\n" for line in lines))
         files.append(str(f))
-    summary = evaluate.main(["aggregate", *files, "--out", str(tmp_path / "agg"), "--reps", "200"])
-    assert (tmp_path / "agg.png").stat().st_size > 10_000 and (tmp_path / "agg.json").exists()
+    summary = evaluate.main(["aggregate", *files, "--out", str(tmp_path / "aggregated" / "agg"), "--reps", "200"])
+    assert (tmp_path / "aggregated" / "agg.png").stat().st_size > 10_000 and (tmp_path / "aggregated" / "agg.json").exists()
     assert set(summary["metrics"]) == {"interpolation", "extrapolation", "all"} and summary["seeds"] == 2
     assert summary["improvement"]["all"]["A > B"]["value"] == 0.5  # identical score sets
 
