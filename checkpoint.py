@@ -91,7 +91,7 @@ class Args:
 
 # Size presets: RSSM sizes and MLP widths (DreamerV3 2023 Table B.1; `cpu` is smaller for 2-core machines).
 SIZES: dict[str, tuple[RSSMConfig, dict]] = {
-    # cpu: chosen by wall-clock time to ball_in_cup >= 900 (README, Speed): 256 of the 1,024 imagination starts
+    # cpu: chosen by wall-clock time to ball_in_cup >= 900 (docs/speed.md): 256 of the 1,024 imagination starts
     "cpu": (RSSMConfig(deter=256, hidden=128, stoch=32, classes=8), dict(hidden=128, layers=1, cnn_depth=16, imag_starts=256)),
     "xs": (RSSMConfig(deter=256, hidden=256), dict(hidden=256, layers=1, cnn_depth=24)),
     "s": (RSSMConfig(deter=512, hidden=512), dict(hidden=512, layers=2, cnn_depth=32)),

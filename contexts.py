@@ -34,7 +34,7 @@ DEFAULT_STRING_LENGTH = 0.3  # ball_in_cup.xml: <spatial name="string" range="0 
 
 @dataclass(frozen=True)
 class ContextFeature:
-    """One physical context feature and its place in the DALI evaluation protocol (SPEC §3 table)."""
+    """One physical context feature and its place in the DALI evaluation protocol."""
 
     name: str
     """Feature name, as in CARL."""

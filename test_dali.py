@@ -1075,7 +1075,7 @@ def test_train_cli_end_to_end_writes_metrics_and_checkpoint(tmp_path):
 
 
 def test_size_presets_set_their_train_ratio_and_flags_override_it():
-    assert train.cli([]).size == "cpu" and train.cli([]).train_ratio == 128.0  # the CPU preset (issue 6)
+    assert train.cli([]).size == "cpu" and train.cli([]).train_ratio == 128.0  # the CPU preset
     assert train.cli(["--size", "xs"]).train_ratio == 512.0  # DreamerV3's ratio for the paper's sizes
     assert train.cli(["--train-ratio", "64"]).train_ratio == 64.0
     assert train.cli(["--train-ratio", "64", "--size", "xs"]).rssm.hidden == 256

@@ -1,6 +1,7 @@
-"""Which configuration reaches a good policy in the least wall-clock time? (issue 6, the CPU preset)
+"""Which configuration reaches a good policy in the least wall-clock time? (the choice of the CPU preset)
 
-Reads the metrics.jsonl of finished or running train.py runs and prints, per run, where its evaluation
+Reads the metrics.jsonl of finished or running train.py runs (or a JSON curve: {"steps", "updates",
+"return"} lists, e.g. docs/learning_before_fixes.json, a run whose logs are gone) and prints, per run, where its evaluation
 return first reaches the threshold: env steps, updates, wall-clock hours. It also estimates each run's
 time as if alone on the machine: its updates times a per-update time you measured side by side with
 benchmarks/speed.py (`--update-seconds`), plus its env steps over the acting rate. Plots return against
@@ -31,7 +32,7 @@ from figures import learning_curves  # noqa: E402
 @dataclass(frozen=True)
 class Args:
     runs: tyro.conf.Positional[tuple[str, ...]]
-    """train.py log directories (each with metrics.jsonl)."""
+    """train.py log directories (each with metrics.jsonl), or JSON curves."""
     labels: tuple[str, ...] = ()
     """A label per run (default: the directory names)."""
     threshold: float = 900.0
@@ -48,7 +49,12 @@ class Args:
 
 
 def read_curve(run: Path) -> dict[str, np.ndarray]:
-    """Evaluation returns of a run with their env steps, updates and wall-clock hours."""
+    """Evaluation returns of a run with their env steps, updates and wall-clock hours (nan where unknown)."""
+    if run.suffix == ".json":
+        saved = json.loads(run.read_text())
+        n = len(saved["steps"])
+        hours = saved.get("hours", [float("nan")] * n)
+        return {k: np.array(v, float) for k, v in (("steps", saved["steps"]), ("hours", hours), ("updates", saved["updates"]), ("return", saved["return"]))}
     path = run / "metrics.jsonl"
     if not path.exists():
         raise SystemExit(f"error: {path} does not exist (is {run} a train.py log directory?)")

@@ -12,7 +12,7 @@ In one run it measures:
      backward, optimiser) per size preset and input, split into phases, and the achieved GFLOP/s as a
      fraction of the measured 1024-row matmul throughput;
   4. the acting loop (batched policy + env step, 4 envs) in env steps/s.
-Run by hand (never by CI); the figures go into the README.
+Run by hand (never by CI); the figures are in docs/speed.md.
 """
 
 from __future__ import annotations
