@@ -241,7 +241,7 @@ class Run:
     method: str = ""
     """Method name in the output (default: from the checkpoint, e.g. DALI-S, Dreamer-DR)."""
     seed: int = 100_000
-    """Base reset seed of the evaluation episodes (the same for every agent)."""
+    """Base reset seed of the evaluation episodes (the same for every agent) and of the policy's samples."""
     batch: int = 8
     """Envs acting in lockstep."""
     mode: Literal["sample", "mode"] = "sample"
@@ -295,6 +295,7 @@ def run(cmd: Run) -> list[dict]:
     path = checkpoint_path(cmd.checkpoint)
     out = writable_output(Path(cmd.out) if cmd.out else path.parent / f"zeroshot_{cmd.setting}.jsonl")
     args, agent, ckpt = load_agent(path, device)
+    torch.manual_seed(cmd.seed)  # sampled actions and latents: an evaluation rerun gives the same numbers
     if cmd.setting != "default" and args.contexts not in ("default", cmd.setting):
         print(f"note: the agent trained on {args.contexts} contexts and is evaluated on the {cmd.setting} grid", file=sys.stderr)
     method = cmd.method or method_name(args.agent.context, args.agent.integration, args.ctx.cross_weight)

@@ -1596,3 +1596,239 @@ def test_dream_gif_has_one_frame_per_step_with_real_and_counterfactuals_side_by_
     figures.dream_gif(decoded, real, str(tmp_path / "d.gif"))
     gif = Image.open(tmp_path / "d.gif")
     assert gif.n_frames == 5 and gif.size == (64 * 4 * 2, 128)  # real + 3 counterfactuals, upscaled 2x
+
+
+# ----------------------------------------------------------------------------------------------------
+# sweep.py: bad input fails before anything is launched, a killed local run resumes exactly, and a study
+# runs through a real SLURM (benchmarks/slurm_local.sh) with a requeued job that resumes exactly
+# ----------------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import sweep  # noqa: E402
+
+REPO = Path(__file__).resolve().parent
+# The tiny run of test_dali.py's TINY_FLAGS, less the flags a study sets itself (task, threads)
+TINY = (
+    "--envs 2 --action-repeat 50 --batch-size 3 --batch-length 8 --prefill 400 --train-ratio 48 --rssm.deter 32 "
+    "--rssm.hidden 32 --rssm.stoch 4 --rssm.classes 4 --hidden 32 --eval-every 2000 --eval-episodes 2 --log-every 1000 "
+    "--save-every 2000 --ctx.window 6 --ctx.units 16 --ctx.heads 2 --ctx.fd-units 16"
+)
+# 6000 env steps: episodes of 2 envs x 20 policy steps x 50 repeats end every 2000 env steps, with a checkpoint
+STUDY = ["--study", "bic_gravity", "--steps", "6000", "--seeds", "0", "--eval-episodes", "1", "--train-flags", TINY]
+
+
+def sweep_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(REPO / "sweep.py"), *args]
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"sweep.py exited ({proc.returncode}) before {what}:\n{proc.stdout.read() if proc.stdout else ''}")
+        if time.time() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def same_parameters(a: Path, b: Path) -> None:
+    """The agent tensors and counters (less wall-clock) of two final checkpoints are identical."""
+    ca, cb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    counters = lambda c: {k: v for k, v in c["counters"].items() if k != "seconds"}  # noqa: E731
+    assert counters(ca) == counters(cb) and counters(ca)["env_steps"] == 6000
+    assert ca["agent"].keys() == cb["agent"].keys()
+    for k, v in ca["agent"].items():
+        assert torch.equal(v, cb["agent"][k]), k
+
+
+def launches(log: Path) -> list[str]:
+    """The command lines a run's train.log records, one per launch of train.py."""
+    return [line for line in log.read_text().splitlines() if line.startswith("$ python")]
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of `pid`, from every one of its threads (the local executor launches from threads)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids
+
+
+def train_process(sweep_pid: int) -> int | None:
+    """The train.py process under a sweep (sweep -> supervisor -> train.py), if one runs."""
+    found = [p for s in children(sweep_pid) for p in children(s) if "train.py" in Path(f"/proc/{p}/cmdline").read_text()]
+    return found[0] if found else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The study's runs uninterrupted (Dreamer-DR and DALI-S, seed 0), started in the background at once."""
+    root = tmp_path_factory.mktemp("reference")
+    cmd = sweep_cmd("run", *STUDY, "--methods", "Dreamer-DR", "DALI-S", "--workers", "2", "--dir", str(root))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    output: list[str] = []
+
+    def checkpoint(run: str) -> Path:
+        if not output:
+            output.append(proc.communicate(timeout=600)[0])
+        assert proc.returncode == 0, output[0]
+        return root / run / "train" / "ckpt.pt"
+
+    yield checkpoint
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_input_fails_clearly_before_anything_is_launched(tmp_path, capsys, monkeypatch):
+    d = str(tmp_path / "study")
+    # on the command line
+    with pytest.raises(SystemExit):
+        sweep.main(["run", "--methods", "DALI-X", "--dir", d])
+    assert "DALI-X" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["run", "--setting", "triple_box", "--dir", d])
+    assert "triple_box" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown --study 'bic_typo'"):
+        sweep.main(["run", "--study", "bic_typo"])
+    # a study built in Python gets the same checks
+    with pytest.raises(SystemExit, match=r"unknown method 'DALI-X'; choose from \['Dreamer-DR', 'DALI-S'"):
+        sweep.check_study(sweep.Study(methods=("DALI-X",), dir=d), sweep.Executor())  # type: ignore[arg-type]
+    with pytest.raises(SystemExit, match="--setting 'single_2': unknown"):
+        sweep.check_study(sweep.Study(setting="single_2", dir=d), sweep.Executor())  # type: ignore[arg-type]
+    with pytest.raises(SystemExit, match="cRSSM-S with --setting default: the true context never changes"):
+        sweep.main(["run", "--methods", "cRSSM-S", "--setting", "default", "--dir", d])
+    with pytest.raises(SystemExit, match="--train-flags sets --seed: the study sets"):
+        sweep.main(["run", "--train-flags", "--seed 3", "--dir", d])
+    with pytest.raises(SystemExit, match="train.py rejects the flags of Dreamer-DR"):
+        sweep.main(["run", "--train-flags", "--batch-sise 3", "--dir", d])
+    with pytest.raises(SystemExit, match="prefill 2500 >= --steps 100"):
+        sweep.main(["run", "--steps", "100", "--dir", d])
+    assert not Path(d).exists()  # nothing was written, nothing launched
+    # a SLURM executor without SLURM's tools
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(SystemExit, match="--executor slurm: sbatch, srun, squeue, scontrol not on the PATH"):
+        sweep.main(["run", "--executor", "slurm", "--dir", d])
+    monkeypatch.undo()
+    # a directory of another study configuration is refused, listing the differences; so is a non-study one
+    study = sweep.Study(seeds=(0, 1), steps=3000, dir=d)
+    sweep.claim_dir(study, "bic_gravity")
+    with pytest.raises(SystemExit, match=r"(?s)another configuration.*seeds: \[0, 1\] there, \[0, 1, 2\] asked.*steps: 3000 there, 4000 asked"):
+        sweep.main(["run", "--steps", "4000", "--dir", d])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds no study.json: not a study directory"):
+        sweep.main(["run", "--dir", str(tmp_path / "other")])
+    assert sorted(p.name for p in Path(d).iterdir()) == ["study.json"]
+    with pytest.raises(SystemExit, match="is not a study directory"):
+        sweep.main(["status", str(tmp_path / "other")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local executor: killed and rerun
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_local_run_killed_twice_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path, reference):
+    root = tmp_path / "study"
+    cmd = sweep_cmd("run", *STUDY, "--methods", "DALI-S", "--workers", "1", "--dir", str(root))
+    run = root / "DALI-S_s0"
+    ckpt, metrics = run / "train" / "ckpt.pt", run / "train" / "metrics.jsonl"
+
+    # 1. SIGKILL of the run's train.py after its first checkpoint: the run fails alone, the study goes on
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    wait_for(ckpt.exists, 300, "the first checkpoint", first)
+    os.kill(train_process(first.pid), signal.SIGKILL)
+    out, _ = first.communicate(timeout=300)
+    assert first.returncode == 1, out
+    assert "DALI-S_s0: FAILED: train.py was stopped (status 137)" in out and "failed" in out
+    assert torch.load(ckpt, weights_only=True)["counters"]["env_steps"] < 6000
+
+    # 2. SIGKILL of the sweep itself while the run resumes: its train.py gets SIGTERM (it dies with its parent)
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    resumed = lambda: metrics.exists() and any(json.loads(x)["step"] >= 3000 for x in metrics.read_text().splitlines())  # noqa: E731
+    wait_for(lambda: train_process(second.pid) and resumed(), 300, "the resumed run to pass 3000 env steps", second)
+    child = train_process(second.pid)
+    second.kill()
+    second.wait()
+    wait_for(lambda: not alive(child), 120, "the orphaned train.py to exit")
+    assert "SIGTERM: saved" in (run / "train.log").read_text()  # one SIGTERM: it checkpointed before exiting
+    assert not (run / "done").exists()
+
+    # 3. the same command again finishes the run: same parameters as the uninterrupted run
+    third = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert [cmd.endswith("--resume") for cmd in launches(run / "train.log")] == [False, True, True]
+    assert (run / "done").exists() and (run / "zeroshot_single_0.jsonl").exists()
+    assert (root / "zeroshot_single_0.json").exists() and (root / "zeroshot_single_0.png").exists()
+    same_parameters(ckpt, reference("DALI-S_s0"))
+    # a fourth call has nothing left to do
+    status = subprocess.run(sweep_cmd("status", str(root)), capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert status.returncode == 0 and "1/1 runs done" in status.stdout, status.stdout + status.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# SLURM executor, on a real one-node SLURM
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The environment of a one-node SLURM started by benchmarks/slurm_local.sh; skips where it cannot start."""
+    missing = [t for t in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): `bash benchmarks/slurm_local.sh install` (Debian, root)")
+    state = tmp_path_factory.mktemp("slurm")
+    script = str(REPO / "benchmarks" / "slurm_local.sh")
+    up = subprocess.run(["bash", script, "start", str(state)], capture_output=True, text=True, timeout=120)
+    if up.returncode != 0:
+        pytest.skip(f"SLURM did not start: {up.stderr.strip()[-1000:]}")
+    yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+    subprocess.run(["bash", script, "stop", str(state)], capture_output=True, timeout=120)
+
+
+def test_slurm_study_with_a_requeued_job_finishes_aggregates_and_resumes_exactly(tmp_path, slurm, reference):
+    root = tmp_path / "study"
+    cmd = sweep_cmd("run", *STUDY, "--methods", "Dreamer-DR", "DALI-S", "--executor", "slurm", "--threads", "1",
+                    "--time-min", "30", "--signal-delay-s", "60", "--dir", str(root))  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=slurm)
+    run = root / "DALI-S_s0"
+    wait_for((run / "train" / "ckpt.pt").exists, 300, "DALI-S's first checkpoint", proc)
+    job = (run / "job").read_text().strip()
+    # What SLURM sends before a time limit or a preemption: submitit's hook checkpoints and requeues the job
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, env=slurm)
+    squeue = lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=slurm).stdout  # noqa: E731
+    wait_for(lambda: "PENDING" in squeue(), 120, f"job {job} to be requeued", proc)
+    # SLURM holds a requeued job for about two minutes (BeginTime); let it start now
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm)
+    out, _ = proc.communicate(timeout=600)
+    ctld = Path(slurm["SLURM_CONF"]).parent / "slurmctld.log"
+    assert proc.returncode == 0, out + "\nslurmctld.log:\n" + "".join(ctld.read_text().splitlines(True)[-40:])
+    assert "2/2 runs done" in out and "wrote" in out
+    assert (root / "zeroshot_single_0.json").exists() and (root / "zeroshot_single_0.png").exists()
+    summary = json.loads((root / "zeroshot_single_0.json").read_text())
+    assert set(summary["metrics"]["all"]) == {"Dreamer-DR", "DALI-S"}
+    assert [cmd.endswith("--resume") for cmd in launches(run / "train.log")] == [False, True]
+    assert (run / "train.log").read_text().count(f"(SLURM job {job})") == 2  # the same job, requeued
+    same_parameters(run / "train" / "ckpt.pt", reference("DALI-S_s0"))
+    same_parameters(root / "Dreamer-DR_s0" / "train" / "ckpt.pt", reference("Dreamer-DR_s0"))

@@ -30,6 +30,8 @@ install() {
   apt-get install -y -qq --no-install-recommends slurm-wlm munge > /dev/null
 }
 
+port_used() { (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null; }
+
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2> /dev/null; }
 
 stop() {
@@ -63,10 +65,15 @@ start() {
 
   # The node: this machine as slurmd sees it (CPUs, sockets, cores, threads, RealMemory)
   node=$(slurmd -C | head -1)
+  # Two free ports for slurmctld and slurmd, from SLURM's defaults up (another cluster here may hold those)
+  port=6817
+  while port_used $port || port_used $((port + 1)); do port=$((port + 2)); done
   host=$(hostname -s)
   cat > "$state/slurm.conf" << EOF
 ClusterName=dali
 SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=$port
+SlurmdPort=$((port + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
