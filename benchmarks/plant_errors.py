@@ -5,6 +5,7 @@ runs). Each error is applied to a fresh copy of the repository, so the working t
     python benchmarks/plant_errors.py                 # every error, the recipe tests (a few minutes each)
     python benchmarks/plant_errors.py --only 1 5      # some errors
     python benchmarks/plant_errors.py --all-tests     # the whole suite per error (slow)
+    python benchmarks/plant_errors.py --machinery     # errors in checkpoints, signals, logs, envs, evaluation
 
 Prints one line per error: caught (by which test) or SURVIVED; exits 1 if any survived.
 """
@@ -49,6 +50,19 @@ ERRORS = [
     ("rssm.py", "    dyn = kl(post_logits.detach(), prior_logits)", "    dyn = kl(post_logits, prior_logits)", "dynamics KL without its stop-gradient"),
     ("rssm.py", "    return torch.clamp(dyn, min=free), torch.clamp(rep, min=free)", "    return dyn, torch.clamp(rep, min=free)", "free bits dropped from the dynamics KL"),
 ]
+# Errors in the run machinery (checkpoints, signals, logs, envs, evaluation), each with the tests that guard it.
+MACHINERY = [
+    ("checkpoint.py", "torch.load(path, map_location=\"cpu\", weights_only=True)", "torch.load(path, map_location=\"cpu\", weights_only=False)", "checkpoints loaded with pickle (weights_only off)", "pickled_callable"),
+    ("train.py", "    if ckpt is None and logs:", "    if False:", "a fresh run appends to an old run's logs", "without_checkpoint or bad_checkpoints"),
+    ("train.py", 'while not ((c["env_steps"] >= args.steps or stop.signum) and at_boundary):', 'while not (c["env_steps"] >= args.steps and at_boundary):', "a signal no longer stops training", "signal_saves"),
+    ("checkpoint.py", 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k)', 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k) and False', "resume accepts any changed flag", "lists_every_conflict or bad_checkpoints"),
+    ("envs.py", "        if self.context_in_obs:\n            out[", "        if True:\n            out[", "the true context leaks into the observation", "true_context_is_in_info or pixels_shape or gymnasium"),
+    ("envs.py", "        if (action < self.action_low).any() or (action > self.action_high).any()", "        if False", "out-of-range actions pass silently", "gymnasium"),
+    ("train.py", '"context": info["final_context_vector"][i]})', '"context": info["context_vector"][i]})', "an episode's last record gets the next episode's context", "replay_records"),
+    ("evaluate.py", "        path.parent.mkdir(parents=True, exist_ok=True)", "        pass", "output folders not created", "grid_evaluation"),
+    ("evaluate.py", "        state = agent.initial_state(vec.num_envs)", "        state = state if start else agent.initial_state(vec.num_envs)", "evaluation carries the agent state across batches", "fresh_agent_state"),
+]
+
 # The second half of "previous action not zeroed" (the sequence loop), applied together with the first.
 PAIRED = {4: ("rssm.py", "        seq_rest = [keep * action]", "        seq_rest = [action]")}
 
@@ -70,6 +84,8 @@ class Args:
     """Run the whole suite per error instead of the recipe tests."""
     list: bool = False
     """Only list the errors."""
+    machinery: bool = False
+    """Plant the errors of the run machinery (checkpoints, signals, logs, envs, evaluation) instead."""
 
 
 def plant(repo: Path, number: int) -> None:
@@ -82,6 +98,9 @@ def plant(repo: Path, number: int) -> None:
 
 
 def main(args: Args) -> int:
+    global ERRORS, PAIRED
+    if args.machinery:
+        ERRORS, PAIRED = MACHINERY, {}
     chosen = [n - 1 for n in args.only] if args.only else list(range(len(ERRORS)))
     if args.list:
         for n in chosen:
@@ -95,7 +114,7 @@ def main(args: Args) -> int:
             plant(repo, n)
             cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_dali.py"]
             if not args.all_tests:
-                cmd += ["-k", RECIPE_TESTS]
+                cmd += ["-k", ERRORS[n][4] if len(ERRORS[n]) > 4 else RECIPE_TESTS]
             out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
             failed = [line.split("::")[1].split(" ")[0] for line in out.stdout.splitlines() if line.startswith("FAILED")]
             if out.returncode == 0:
