@@ -220,8 +220,9 @@ class RunSpec:
 
 
 def expand(study: Study) -> list[RunSpec]:
-    """The study's runs, methods outer, seeds inner."""
-    return [RunSpec(study, m, s) for m in study.methods for s in study.seeds]
+    """The study's runs, seeds outer, methods inner: with two workers the first seed's methods finish
+    side by side, so a paired comparison exists as early as possible."""
+    return [RunSpec(study, m, s) for s in study.seeds for m in study.methods]
 
 
 class RunFailed(Exception):
