@@ -3,14 +3,19 @@ the statistics of Agarwal et al. 2021, "Deep RL at the edge of the statistical p
 
     python evaluate.py run --checkpoint runs/x/ckpt.pt --setting double_box --episodes 10
     python evaluate.py aggregate runs/*/zeroshot_single_0.jsonl --out zeroshot
+    python evaluate.py reference --task ball_in_cup --setting single_0 --out docs/results/reference_single_0.json
+    python evaluate.py aggregate runs/*/zeroshot_single_0.jsonl --reference docs/results/reference_single_0.json
 
 `run` evaluates a trained agent on every context of a setting's evaluation grid (contexts.eval_contexts).
 Each episode starts from a fresh latent state and an empty context window, so the agent infers the context
 from scratch; nothing is learned between episodes. It writes one JSON line per context.
 
-`aggregate` reads such files (methods x seeds). A score is a return normalised by the task's maximum
-(1000 for DMC) or by random / expert reference returns; the score of (seed, context) is its mean over
-episodes. Per regime (interpolation, extrapolation, mixed, and all contexts), with the seeds as runs and
+`aggregate` reads such files (methods x seeds). A score is a return R normalised by the task's maximum
+(R / 1000 for DMC), or, with `--reference`, per context as the DALI release's analysis does (its
+plot_rliable.py): (R - random_c) / (expert_c - random_c), where random_c is the mean return of a uniform
+random policy in context c (`reference`) and expert_c is 1000, the release's fixed expert return for
+ball_in_cup (it took walker's from expert runs trained per context, which this code has not). The score of
+(seed, context) is its mean over episodes. Per regime (interpolation, extrapolation, mixed, and all contexts), with the seeds as runs and
 the regime's contexts as tasks, it reports IQM, mean, median and optimality gap with stratified-bootstrap
 95% CIs, and the probability of improvement of every method over every other (definitions: scores.py),
 as a table, a JSON file and the paper's figure: IQM bars with CIs per regime and a P(X > Y) panel.
@@ -34,7 +39,7 @@ from tqdm import tqdm
 import envs
 import figures
 from checkpoint import checkpoint_path, load_agent, resolve_device
-from dali import Agent
+from dali import Agent, AgentConfig
 from scores import METRICS, improvement_with_ci, metric_with_ci
 
 MAX_RETURN = 1000.0  # DMC rewards are in [0, 1] per control step over 1000-step episodes
@@ -46,7 +51,7 @@ REGIMES = ("interpolation", "extrapolation", "mixed", "all")
 
 
 def episode_returns(
-    agent: Agent,
+    agent: Agent | RandomPolicy,
     task: str,
     obs: str,
     action_repeat: int,
@@ -86,8 +91,25 @@ def method_name(context: str, integration: str, cross_weight: float = 0.0) -> st
     return name + ("-chi" if context == "learned" and cross_weight else "")
 
 
+class RandomPolicy:
+    """Uniform random actions in [-1, 1]: the score-0 reference of the per-context normalisation. It has the
+    acting interface of `Agent` (initial_state, act) so that `episode_returns` runs it like any agent."""
+
+    cfg = AgentConfig(context="none")  # reads no true context
+
+    def __init__(self, action_size: int, seed: int):
+        self.action_size, self.rng = action_size, np.random.default_rng(seed)
+
+    def initial_state(self, n: int) -> None:
+        return None
+
+    def act(self, obs: dict, state: None, sample: bool = True, context: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        n = len(obs["is_first"])
+        return torch.as_tensor(self.rng.uniform(-1, 1, (n, self.action_size)).astype(np.float32)), None
+
+
 def evaluate_grid(
-    agent: Agent,
+    agent: Agent | RandomPolicy,
     task: str,
     obs: str,
     action_repeat: int,
@@ -167,8 +189,41 @@ def read_results(path: str) -> RunResult:
     return RunResult(path, head["task"], head["setting"], head["method"], int(head["seed"]), [r["regime"] for r in rows], returns)
 
 
-def score_matrices(results: list[RunResult], random_return: float = 0.0, expert_return: float = MAX_RETURN) -> dict[str, np.ndarray]:
-    """{method: normalised scores (seeds, contexts)}, after checking that the files fit together."""
+@dataclass(frozen=True)
+class Reference:
+    """Per-context reference returns of one task's evaluation grid (`reference` writes them)."""
+
+    path: str
+    task: str
+    setting: str
+    random: np.ndarray  # (contexts,) random_c: mean return of the uniform random policy
+    expert: np.ndarray  # (contexts,) expert_c
+
+
+def read_reference(path: str) -> Reference:
+    """Read and check a `reference` file: the grid of its task and setting, in order, every expert > random."""
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: reference file {path} does not exist")
+    try:
+        ref = json.loads(p.read_text())
+        task, setting, rows = ref["task"], ref["setting"], ref["contexts"]
+        random, expert = (np.asarray([row[k] for row in rows], np.float64) for k in ("random_mean", "expert"))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} is not a reference file of `evaluate.py reference` ({type(e).__name__}: {e})") from None
+    grid = envs.eval_contexts(task, setting)
+    if len(rows) != len(grid) or any(not math.isclose(row["context"].get(k, math.nan), v) for row, (c, _) in zip(rows, grid) for k, v in c.items()):
+        raise SystemExit(f"error: {path}: its contexts are not the {setting} grid of {task}")
+    if (expert <= random).any():
+        raise SystemExit(f"error: {path}: expert return <= random return in context {rows[int(np.argmax(expert <= random))]['context']}")
+    return Reference(path, task, setting, random, expert)
+
+
+def score_matrices(
+    results: list[RunResult], random_return: float = 0.0, expert_return: float = MAX_RETURN, reference: Reference | None = None
+) -> dict[str, np.ndarray]:
+    """{method: normalised scores (seeds, contexts)}, after checking that the files fit together: (R - random) /
+    (expert - random) with the scalar returns, or with `reference`'s per-context ones."""
     tasks = {r.task for r in results}
     if len(tasks) > 1:
         raise SystemExit("error: the files mix tasks: " + ", ".join(f"{r.path} is {r.task}" for r in results))
@@ -186,17 +241,26 @@ def score_matrices(results: list[RunResult], random_return: float = 0.0, expert_
     counts = {m: len(runs) for m, runs in by_method.items()}
     if len(set(counts.values())) > 1:
         raise SystemExit("error: unequal seed counts per method: " + ", ".join(f"{m} {n}" for m, n in counts.items()))
-    if expert_return <= random_return:
+    if reference is not None:
+        if (reference.task, reference.setting) != (results[0].task, results[0].setting):
+            raise SystemExit(f"error: reference {reference.path} is {reference.task} {reference.setting}, the results are {results[0].task} {results[0].setting}")
+        random_return, expert_return = reference.random, reference.expert  # (contexts,)
+    elif expert_return <= random_return:
         raise SystemExit(f"error: --expert-return {expert_return} must exceed --random-return {random_return}")
     return {m: np.stack([(r.returns.mean(1) - random_return) / (expert_return - random_return) for r in runs]) for m, runs in by_method.items()}
 
 
-def aggregate(results: list[RunResult], reps: int = 2000, seed: int = 0, random_return: float = 0.0, expert_return: float = MAX_RETURN) -> dict:
+def aggregate(
+    results: list[RunResult], reps: int = 2000, seed: int = 0, random_return: float = 0.0, expert_return: float = MAX_RETURN,
+    reference: Reference | None = None,
+) -> dict:  # fmt: skip
     """Every metric with CIs per regime and method, and P(X > Y) for every ordered pair of methods."""
-    scores = score_matrices(results, random_return, expert_return)
+    scores = score_matrices(results, random_return, expert_return, reference)
     regimes = np.asarray(results[0].regimes)
     rng = np.random.default_rng(seed)
-    out: dict = {"task": results[0].task, "setting": results[0].setting, "seeds": len(results) // len(scores), "metrics": {}, "improvement": {}}
+    norm = f"per context, {reference.path}" if reference is not None else f"(R - {random_return:g}) / ({expert_return:g} - {random_return:g})"
+    out: dict = {"task": results[0].task, "setting": results[0].setting, "seeds": len(results) // len(scores), "normalisation": norm,
+                 "metrics": {}, "improvement": {}}  # fmt: skip
     for reg in REGIMES:
         cols = np.ones(len(regimes), bool) if reg == "all" else regimes == reg
         if not cols.any():
@@ -210,7 +274,8 @@ def aggregate(results: list[RunResult], reps: int = 2000, seed: int = 0, random_
 
 def format_table(summary: dict) -> str:
     fmt = lambda d: f"{d['value']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]"  # noqa: E731
-    lines = [f"{summary['task']} {summary['setting']}, {summary['seeds']} seeds per method, 95% stratified-bootstrap CIs"]
+    lines = [f"{summary['task']} {summary['setting']}, {summary['seeds']} seeds per method, 95% stratified-bootstrap CIs, "
+             f"scores normalised {summary.get('normalisation', '')}"]  # fmt: skip
     lines.append(f"{'regime':<14} {'method':<12} " + " ".join(f"{n:<22}" for n in METRICS))
     for reg, methods in summary["metrics"].items():
         for m, values in methods.items():
@@ -263,13 +328,35 @@ class Aggregate:
     out: str = "zeroshot"
     """Writes OUT.json (every number) and OUT.png (the figure); folders are created."""
     random_return: float = 0.0
-    """Return of a random policy (score 0)."""
+    """Return of a random policy (score 0), the same in every context."""
     expert_return: float = MAX_RETURN
-    """Return of an expert (score 1); default the task's maximum return."""
+    """Return of an expert (score 1), the same in every context; default the task's maximum return."""
+    reference: str = ""
+    """A `reference` file: normalise per context by its random_c and expert_c instead (the DALI release's way)."""
     reps: int = 2000
     """Bootstrap resamples (rliable uses 50000; 2000 gives CI ends to about +-0.01)."""
     seed: int = 0
     """Bootstrap seed."""
+
+
+@dataclass(frozen=True)
+class ReferenceReturns:
+    """Measure random_c, the return of a uniform random policy, in every context of an evaluation grid."""
+
+    task: envs.Task = "ball_in_cup"
+    """Contextual DMC task."""
+    setting: envs.Setting = "single_0"
+    """Evaluation grid (contexts.eval_contexts)."""
+    episodes: int = 20
+    """Episodes per context."""
+    action_repeat: int = 2
+    """Control steps per random decision: that of the agents compared (train.py --action-repeat)."""
+    seed: int = 200_000
+    """Base reset seed of the episodes and seed of the random actions."""
+    out: str = "docs/results/reference.json"
+    """Output JSON file; folders are created."""
+    batch: int = 10
+    """Envs stepping in lockstep."""
 
 
 def writable_output(path: Path) -> Path:
@@ -316,7 +403,8 @@ def aggregate_main(cmd: Aggregate) -> dict:
         raise SystemExit("error: give at least one results file")
     for suffix in (".json", ".png"):
         writable_output(Path(cmd.out + suffix))
-    summary = aggregate([read_results(f) for f in cmd.files], cmd.reps, cmd.seed, cmd.random_return, cmd.expert_return)
+    reference = read_reference(cmd.reference) if cmd.reference else None
+    summary = aggregate([read_results(f) for f in cmd.files], cmd.reps, cmd.seed, cmd.random_return, cmd.expert_return, reference)
     print(format_table(summary))
     Path(cmd.out + ".json").write_text(json.dumps(summary, indent=1))
     figures.zeroshot_figure(summary, cmd.out + ".png")
@@ -324,12 +412,37 @@ def aggregate_main(cmd: Aggregate) -> dict:
     return summary
 
 
-Command = Union[Annotated[Run, tyro.conf.subcommand("run")], Annotated[Aggregate, tyro.conf.subcommand("aggregate")]]
+def reference_main(cmd: ReferenceReturns) -> dict:
+    """random_c per context (mean and every episode's return) and expert_c = MAX_RETURN, as one JSON file."""
+    if cmd.episodes < 1 or cmd.action_repeat < 1:
+        raise SystemExit(f"error: --episodes {cmd.episodes}, --action-repeat {cmd.action_repeat}: both must be >= 1")
+    out = writable_output(Path(cmd.out))
+    policy = RandomPolicy(envs.make_env(cmd.task).action_size, cmd.seed)
+    rows = evaluate_grid(policy, cmd.task, "features", cmd.action_repeat, cmd.setting, cmd.episodes, cmd.seed, "cpu", True, cmd.batch)
+    command = f"python evaluate.py reference --task {cmd.task} --setting {cmd.setting} --episodes {cmd.episodes} --action-repeat {cmd.action_repeat} --seed {cmd.seed} --out {cmd.out}"
+    ref = {
+        "task": cmd.task, "setting": cmd.setting, "episodes": cmd.episodes, "action_repeat": cmd.action_repeat, "seed": cmd.seed,
+        "command": command, "random": "mean over the episodes of a uniform random policy", "expert": f"{MAX_RETURN:g} in every context",
+        "contexts": [{"context": r["context"], "regime": r["regime"], "random_mean": r["mean"], "random_std": r["std"],
+                      "random_returns": r["returns"], "expert": MAX_RETURN} for r in rows],
+    }  # fmt: skip
+    out.write_text(json.dumps(ref, indent=1))
+    print("\n".join(f"{r['context']} {r['regime']}: random {r['mean']:.1f} +- {r['std']:.1f}" for r in rows) + f"\nwrote {out}")
+    return ref
+
+
+Command = Union[
+    Annotated[Run, tyro.conf.subcommand("run")],
+    Annotated[Aggregate, tyro.conf.subcommand("aggregate")],
+    Annotated[ReferenceReturns, tyro.conf.subcommand("reference")],
+]
 
 
 def main(argv: list[str] | None = None):
     cmd = tyro.cli(Command, args=argv, description=__doc__)
-    return run(cmd) if isinstance(cmd, Run) else aggregate_main(cmd)
+    if isinstance(cmd, Run):
+        return run(cmd)
+    return aggregate_main(cmd) if isinstance(cmd, Aggregate) else reference_main(cmd)
 
 
 if __name__ == "__main__":

@@ -1498,6 +1498,45 @@ def test_grid_evaluation_writes_one_line_per_context_and_aggregates(tiny_dali_ru
     assert summary["improvement"]["all"]["A > B"]["value"] == 0.5  # identical score sets
 
 
+def test_reference_returns_normalise_each_context_by_its_own_random_and_expert_return(tmp_path):
+    import json
+
+    flags = ["reference", "--task", "ball_in_cup", "--setting", "single_0", "--episodes", "3", "--action-repeat", "50"]
+    measured = evaluate.main([*flags, "--out", str(tmp_path / "new" / "ref.json")])
+    again = evaluate.main([*flags, "--out", str(tmp_path / "again.json")])
+    assert again["contexts"] == measured["contexts"]  # seeded: a rerun is identical
+    grid = envs.eval_contexts("ball_in_cup", "single_0")
+    assert [row["context"] for row in measured["contexts"]] == [c for c, _ in grid]
+    for row in measured["contexts"]:
+        assert len(row["random_returns"]) == 3 and np.isclose(row["random_mean"], np.mean(row["random_returns"])) and row["expert"] == 1000
+    # A reference with a different random return per context: "half" closes half of every context's gap to the
+    # expert, "random" scores its context's random return; per-context normalisation gives 0.5 and 0 exactly.
+    reference = {**measured, "contexts": [{**row, "random_mean": 30.0 * i} for i, row in enumerate(measured["contexts"])]}
+    (tmp_path / "ref.json").write_text(json.dumps(reference))
+    files = []
+    for method, seed in [("half", 0), ("half", 1), ("random", 0), ("random", 1)]:
+        rows = []
+        for i, (context, regime) in enumerate(grid):
+            r = 30.0 * i + (0.5 * (1000 - 30.0 * i) if method == "half" else 0.0)
+            rows.append({"task": "ball_in_cup", "setting": "single_0", "method": method, "seed": seed, "context": context, "regime": regime, "returns": [r, r]})
+        files.append(tmp_path / f"{method}{seed}.jsonl")
+        files[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    files = list(map(str, files))
+    summary = evaluate.main(["aggregate", *files, "--reference", str(tmp_path / "ref.json"), "--out", str(tmp_path / "agg"), "--reps", "100"])
+    for regime in ("interpolation", "extrapolation", "all"):
+        assert summary["metrics"][regime]["half"]["IQM"] == {"value": 0.5, "ci": [0.5, 0.5]}
+        assert summary["metrics"][regime]["random"]["mean"]["value"] == 0.0
+    scalar = evaluate.main(["aggregate", *files, "--out", str(tmp_path / "scalar"), "--reps", "100"])  # R / 1000: not 0.5
+    assert scalar["metrics"]["all"]["half"]["mean"]["value"] == pytest.approx(np.mean([0.5 + 0.015 * i for i in range(14)]))
+    # a reference of another grid, or one whose expert does not beat random, is refused
+    (tmp_path / "short.json").write_text(json.dumps({**reference, "contexts": reference["contexts"][:5]}))
+    with pytest.raises(SystemExit, match="its contexts are not the single_0 grid of ball_in_cup"):
+        evaluate.main(["aggregate", *files, "--reference", str(tmp_path / "short.json"), "--out", str(tmp_path / "x")])
+    (tmp_path / "bad.json").write_text(json.dumps({**reference, "contexts": [{**r, "expert": 0.0} for r in reference["contexts"]]}))
+    with pytest.raises(SystemExit, match="expert return <= random return"):
+        evaluate.main(["aggregate", *files, "--reference", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+
+
 def test_aggregate_rejects_bad_results_files(tiny_dali_run, tmp_path):
     import json
 
