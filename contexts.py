@@ -169,7 +169,7 @@ def _check_setting(setting: str) -> None:
         raise ValueError(f"unknown context setting {setting!r}; choose one of {list(SETTINGS)}")
 
 
-def _varied(task: str, setting: str) -> list[str]:
+def varied_features(task: str, setting: str) -> list[str]:
     """Names of the features a setting varies: none, the k-th one, or both."""
     names = list(task_features(task))
     _check_setting(setting)
@@ -180,7 +180,7 @@ def train_contexts(task: str, setting: str = "default", n: int = 100, seed: int 
     """Training contexts: the default one, or `n` sampled uniformly in the training box of the varied
     features (others at default), with CARL's `ContextSampler` seeded by the run seed."""
     features = task_features(task)
-    varied = _varied(task, setting)
+    varied = varied_features(task, setting)
     if not varied:
         return [default_context(task)]
     if n < 1:
@@ -217,7 +217,7 @@ def eval_contexts(task: str, setting: str) -> list[tuple[dict[str, float], Regim
     default:    the default context alone.
     """
     features = task_features(task)
-    varied = _varied(task, setting)
+    varied = varied_features(task, setting)
     base = default_context(task)
     if not varied:
         return [(base, "interpolation")]

@@ -68,6 +68,7 @@ from contexts import (  # noqa: E402  (re-exported: the public API of the enviro
     task_features,
     train_contexts,
     validate_context,
+    varied_features,
 )
 
 ObsKind = Literal["features", "pixels"]
@@ -76,7 +77,7 @@ EPISODE_STEPS = 1000  # control steps per episode in both tasks (walker: 25 s / 
 
 __all__ = ["CONTEXT_FEATURES", "SETTINGS", "TASKS", "EPISODE_STEPS", "ContextFeature", "ContextualDMC", "VectorEnv", "carl",
            "default_context", "eval_contexts", "make_env", "normalize_context", "random_rollouts", "regime",
-           "task_features", "train_contexts", "validate_context", "Regime", "Setting", "Task", "ObsKind"]  # fmt: skip
+           "task_features", "train_contexts", "validate_context", "varied_features", "Regime", "Setting", "Task", "ObsKind"]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------

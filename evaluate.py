@@ -326,7 +326,8 @@ class Aggregate:
     files: tyro.conf.Positional[tuple[str, ...]]
     """Output files of `evaluate.py run`, one per (method, seed)."""
     out: str = "zeroshot"
-    """Writes OUT.json (every number) and OUT.png (the figure); folders are created."""
+    """Writes OUT.json (every number), OUT.png (the paper's figure) and OUT_contexts.png (return against each
+    varied feature); folders are created."""
     random_return: float = 0.0
     """Return of a random policy (score 0), the same in every context."""
     expert_return: float = MAX_RETURN
@@ -404,11 +405,18 @@ def aggregate_main(cmd: Aggregate) -> dict:
     for suffix in (".json", ".png"):
         writable_output(Path(cmd.out + suffix))
     reference = read_reference(cmd.reference) if cmd.reference else None
-    summary = aggregate([read_results(f) for f in cmd.files], cmd.reps, cmd.seed, cmd.random_return, cmd.expert_return, reference)
+    results = [read_results(f) for f in cmd.files]
+    summary = aggregate(results, cmd.reps, cmd.seed, cmd.random_return, cmd.expert_return, reference)
     print(format_table(summary))
     Path(cmd.out + ".json").write_text(json.dumps(summary, indent=1))
     figures.zeroshot_figure(summary, cmd.out + ".png")
-    print(f"wrote {cmd.out}.json and {cmd.out}.png")
+    if results[0].setting != "default":
+        returns = {m: np.stack([r.returns.mean(1) for r in results if r.method == m]) for m in dict.fromkeys(r.method for r in results)}
+        features = {n: envs.task_features(results[0].task)[n] for n in envs.varied_features(results[0].task, results[0].setting)}
+        grid = [c for c, _ in envs.eval_contexts(results[0].task, results[0].setting)]
+        title = f"{results[0].task}, {results[0].setting}: zero-shot return per context"
+        figures.return_by_context(returns, grid, features, cmd.out + "_contexts.png", title, None if reference is None else reference.random)
+    print(f"wrote {cmd.out}.json, {cmd.out}.png and {cmd.out}_contexts.png")
     return summary
 
 

@@ -50,6 +50,35 @@ def zeroshot_figure(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
+def return_by_context(returns: dict[str, np.ndarray], contexts: list[dict], features: dict, path: str, title: str,
+                      random: np.ndarray | None = None) -> None:  # fmt: skip
+    """Mean return against each varied feature, one line per method (the mean over seeds) with the seeds'
+    range as a band, the training range shaded: where each method breaks. returns[method] (seeds, contexts),
+    contexts: the grid in order; features: {name: contexts.ContextFeature} of the varied features; random
+    (contexts,): random_c, drawn dashed. A feature's panel shows the contexts where the others are at default."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(features), figsize=(5.2 * len(features), 3.6), squeeze=False)
+    for ax, (name, f) in zip(axes[0], features.items()):
+        others = [n for n in features if n != name]
+        cols = [i for i, c in enumerate(contexts) if all(c[n] == features[n].default for n in others)]
+        cols.sort(key=lambda i: contexts[i][name])
+        x = np.asarray([contexts[i][name] for i in cols])
+        ax.axvspan(*f.train_range, color="gray", alpha=0.15, label="training range")
+        for method, r in returns.items():
+            ax.plot(x, r[:, cols].mean(0), marker="o", ms=3, label=f"{method} ({len(r)} seeds)")
+            ax.fill_between(x, r[:, cols].min(0), r[:, cols].max(0), alpha=0.2)
+        if random is not None:
+            ax.plot(x, random[cols], color="k", ls="--", lw=1, label="uniform random policy")
+        ax.set_xlabel(name)
+        ax.set_ylabel("mean return (band: seeds' range)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def dream_figure(decoded: np.ndarray, real: np.ndarray, shifts, title: str, path: str, names: list[str] | None = None) -> None:
     """One panel per observation feature: the real continuation and the dream for every shift m."""
     plt = _pyplot()

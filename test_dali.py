@@ -1523,6 +1523,7 @@ def test_reference_returns_normalise_each_context_by_its_own_random_and_expert_r
         files[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
     files = list(map(str, files))
     summary = evaluate.main(["aggregate", *files, "--reference", str(tmp_path / "ref.json"), "--out", str(tmp_path / "agg"), "--reps", "100"])
+    assert (tmp_path / "agg_contexts.png").stat().st_size > 10_000  # return against gravity, training range shaded
     for regime in ("interpolation", "extrapolation", "all"):
         assert summary["metrics"][regime]["half"]["IQM"] == {"value": 0.5, "ci": [0.5, 0.5]}
         assert summary["metrics"][regime]["random"]["mean"]["value"] == 0.0
