@@ -37,47 +37,15 @@ from checkpoint import load_agent, resolve_device
 from dali import Agent, sequence_context
 from layers import symexp
 from probes import bootstrap_rank_corr, correlations, implied_gravity, probe_table, real_rollout
+from rollout import Episodes, record
 
 MIN_GRAVITY = 0.1  # m/s^2: a read-out below this (or negative) is run at this gravity in the real env
 BALL_Z_VELOCITY = 7  # ball_in_cup features: qpos (cup x, cup z, ball x, ball z), then qvel in that order
 OBS_NAMES = {"ball_in_cup": ["cup x", "cup z", "ball x", "ball z", "cup vx", "cup vz", "ball vx", "ball vz"]}
 
 # ----------------------------------------------------------------------------------------------------
-# Recording episodes and their inferred contexts
+# The inferred contexts of recorded episodes (rollout.record)
 # ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Episodes:
-    """Policy episodes, (E, T, ...) in the replay convention of dali.py (record t: o_t, a_{t-1})."""
-
-    x: torch.Tensor  # (E, T, O) features, or (E, T, 64, 64, 3) uint8 images
-    action: torch.Tensor  # (E, T, A): a_{t-1}, zeros at t = 0
-    is_first: torch.Tensor  # (E, T) bool
-    true_context: np.ndarray  # (E, X) normalised true context
-    contexts: list[dict]  # (E,) the true context of each episode
-    physics: np.ndarray  # (E, T, P) MuJoCo state (qpos, qvel, act) at each step
-
-
-def record(agent: Agent, task: str, obs: str, action_repeat: int, jobs: list[tuple[dict, int]], steps: int, device) -> Episodes:
-    """The first `steps` policy steps of one episode per (context, seed) job, actions sampled from the policy."""
-    vec = envs.VectorEnv([envs.make_env(task, obs, [c], seed, action_repeat) for c, seed in jobs])
-    o, info = vec.reset()
-    key = "obs" if obs == "features" else "image"
-    state = agent.initial_state(vec.num_envs)
-    xs, actions, physics = [], [torch.zeros(vec.num_envs, vec.action_size)], []
-    for t in range(steps):
-        xs.append(torch.as_tensor(o[key]))
-        physics.append(np.stack([env.physics.get_state() for env in vec.envs]))
-        action, state = agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state)
-        if t < steps - 1:
-            actions.append(action.cpu())
-            o, *_ = vec.step(action.cpu().numpy())
-    vec.close()
-    is_first = torch.zeros(vec.num_envs, steps, dtype=torch.bool)
-    is_first[:, 0] = True
-    true = np.stack([envs.normalize_context(task, c) for c, _ in jobs])
-    return Episodes(torch.stack(xs, 1), torch.stack(actions, 1), is_first, true, [c for c, _ in jobs], np.stack(physics, 1))
 
 
 @torch.no_grad()

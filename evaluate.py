@@ -1,5 +1,4 @@
-"""Zero-shot evaluation on unseen contexts and its statistics (DALI, Röder et al., arXiv:2508.20294, Sec. 6;
-the statistics of Agarwal et al. 2021, "Deep RL at the edge of the statistical precipice", as in rliable).
+"""Zero-shot evaluation on unseen contexts (DALI, Röder et al., arXiv:2508.20294, Sec. 6): the commands.
 
     python evaluate.py run --checkpoint runs/x/ckpt.pt --setting double_box --episodes 10
     python evaluate.py aggregate runs/*/zeroshot_single_0.jsonl --out zeroshot
@@ -8,24 +7,18 @@ the statistics of Agarwal et al. 2021, "Deep RL at the edge of the statistical p
 
 `run` evaluates a trained agent on every context of a setting's evaluation grid (contexts.eval_contexts).
 Each episode starts from a fresh latent state and an empty context window, so the agent infers the context
-from scratch; nothing is learned between episodes. It writes one JSON line per context.
+from scratch; nothing is learned between episodes (rollout.py acts). It writes one JSON line per context.
 
-`aggregate` reads such files (methods x seeds). A score is a return R normalised by the task's maximum
-(R / 1000 for DMC), or, with `--reference`, per context as the DALI release's analysis does (its
-plot_rliable.py): (R - random_c) / (expert_c - random_c), where random_c is the mean return of a uniform
-random policy in context c (`reference`) and expert_c is 1000, the release's fixed expert return for
-ball_in_cup (it took walker's from expert runs trained per context, which this code has not). The score of
-(seed, context) is its mean over episodes. Per regime (interpolation, extrapolation, mixed, and all contexts), with the seeds as runs and
-the regime's contexts as tasks, it reports IQM, mean, median and optimality gap with stratified-bootstrap
-95% CIs, and the probability of improvement of every method over every other (definitions: scores.py),
-as a table, a JSON file and the paper's figure: IQM bars with CIs per regime and a P(X > Y) panel.
+`aggregate` reads such files (methods x seeds) and reports IQM, mean, median and optimality gap per regime
+with stratified-bootstrap 95% CIs and the probability of improvement of every method over every other
+(results.py; scores normalised by R / 1000 or, with `--reference`, per context as in the DALI release), as a
+table, a JSON file, the paper's figure (IQM bars per regime and a P(X > Y) panel) and the return against
+each varied context feature. `reference` measures random_c, a uniform random policy's return per context.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,48 +32,9 @@ from tqdm import tqdm
 import envs
 import figures
 from checkpoint import checkpoint_path, load_agent, resolve_device
-from dali import Agent, AgentConfig
-from scores import METRICS, improvement_with_ci, metric_with_ci
-
-MAX_RETURN = 1000.0  # DMC rewards are in [0, 1] per control step over 1000-step episodes
-REGIMES = ("interpolation", "extrapolation", "mixed", "all")
-
-# ----------------------------------------------------------------------------------------------------
-# Acting: episodes in fixed contexts
-# ----------------------------------------------------------------------------------------------------
-
-
-def episode_returns(
-    agent: Agent | RandomPolicy,
-    task: str,
-    obs: str,
-    action_repeat: int,
-    jobs: list[tuple[dict, int]],
-    device: torch.device | str = "cpu",
-    sample: bool = True,
-    batch: int = 8,
-    progress: tqdm | None = None,
-) -> list[float]:
-    """Return of one episode per (context, reset seed) job, `batch` envs acting in lockstep with the
-    current policy (no learning). Every episode starts with a fresh agent state."""
-    returns: list[float] = []
-    for start in range(0, len(jobs), batch):
-        chunk = jobs[start : start + batch]
-        vec = envs.VectorEnv([envs.make_env(task, obs, [context], seed, action_repeat) for context, seed in chunk])
-        o, info = vec.reset()
-        state = agent.initial_state(vec.num_envs)
-        total, done = np.zeros(vec.num_envs), np.zeros(vec.num_envs, bool)
-        while not done.all():  # the VectorEnv auto-resets finished envs; their later rewards are ignored
-            oracle = torch.as_tensor(info["context_vector"], device=device) if agent.cfg.context == "oracle" else None
-            action, state = agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state, sample=sample, context=oracle)
-            o, reward, term, trunc, info = vec.step(action.cpu().numpy())
-            total += reward * ~done
-            done |= term | trunc
-        vec.close()
-        returns += total.tolist()
-        if progress is not None:
-            progress.update(len(chunk))
-    return returns
+from dali import Agent
+from rollout import RandomPolicy, episode_returns
+from results import MAX_RETURN, aggregate, format_table, read_reference, read_results
 
 
 def method_name(context: str, integration: str, cross_weight: float = 0.0) -> str:
@@ -89,23 +43,6 @@ def method_name(context: str, integration: str, cross_weight: float = 0.0) -> st
         return "Dreamer-DR"
     name = {"oracle": "cRSSM", "learned": "DALI"}[context] + "-" + integration[0].upper()
     return name + ("-chi" if context == "learned" and cross_weight else "")
-
-
-class RandomPolicy:
-    """Uniform random actions in [-1, 1]: the score-0 reference of the per-context normalisation. It has the
-    acting interface of `Agent` (initial_state, act) so that `episode_returns` runs it like any agent."""
-
-    cfg = AgentConfig(context="none")  # reads no true context
-
-    def __init__(self, action_size: int, seed: int):
-        self.action_size, self.rng = action_size, np.random.default_rng(seed)
-
-    def initial_state(self, n: int) -> None:
-        return None
-
-    def act(self, obs: dict, state: None, sample: bool = True, context: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        n = len(obs["is_first"])
-        return torch.as_tensor(self.rng.uniform(-1, 1, (n, self.action_size)).astype(np.float32)), None
 
 
 def evaluate_grid(
@@ -133,157 +70,6 @@ def evaluate_grid(
         for (context, reg), r in zip(grid, returns)
     ]
 
-
-# ----------------------------------------------------------------------------------------------------
-# Results files
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """One results file: one agent (method, seed) on every context of a grid."""
-
-    path: str
-    task: str
-    setting: str
-    method: str
-    seed: int
-    regimes: list[str]  # per context, in grid order
-    returns: np.ndarray  # (contexts, episodes)
-
-
-def read_results(path: str) -> RunResult:
-    """Read and check a `run` output file: complete, one task and setting, the grid's contexts in order."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"error: results file {path} does not exist")
-    rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise SystemExit(f"error: {path} line {n} is not valid JSON (a truncated or corrupt results file?)") from None
-    if not rows:
-        raise SystemExit(f"error: results file {path} is empty")
-    keys = {"task", "setting", "method", "seed", "context", "regime", "returns"}
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not keys <= row.keys():
-            raise SystemExit(f"error: {path} line {n} lacks the fields {sorted(keys - set(row) if isinstance(row, dict) else keys)}")
-    head = rows[0]
-    for field in ("task", "setting", "method", "seed"):
-        values = {row[field] for row in rows}
-        if len(values) > 1:
-            raise SystemExit(f"error: {path} mixes {field}s {sorted(map(str, values))}")
-    grid = envs.eval_contexts(head["task"], head["setting"])
-    if len(rows) != len(grid):
-        raise SystemExit(f"error: {path} holds {len(rows)} contexts, the {head['setting']} grid of {head['task']} has {len(grid)} (a truncated run?)")
-    for n, (row, (context, _)) in enumerate(zip(rows, grid), 1):
-        if any(not math.isclose(row["context"].get(k, math.nan), v) for k, v in context.items()):
-            raise SystemExit(f"error: {path} line {n}: context {row['context']} is not the grid's context {context}")
-    episodes = {len(row["returns"]) for row in rows}
-    if len(episodes) > 1 or 0 in episodes:
-        raise SystemExit(f"error: {path} has unequal or zero episode counts per context: {sorted(episodes)}")
-    returns = np.asarray([row["returns"] for row in rows], np.float64)
-    return RunResult(path, head["task"], head["setting"], head["method"], int(head["seed"]), [r["regime"] for r in rows], returns)
-
-
-@dataclass(frozen=True)
-class Reference:
-    """Per-context reference returns of one task's evaluation grid (`reference` writes them)."""
-
-    path: str
-    task: str
-    setting: str
-    random: np.ndarray  # (contexts,) random_c: mean return of the uniform random policy
-    expert: np.ndarray  # (contexts,) expert_c
-
-
-def read_reference(path: str) -> Reference:
-    """Read and check a `reference` file: the grid of its task and setting, in order, every expert > random."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"error: reference file {path} does not exist")
-    try:
-        ref = json.loads(p.read_text())
-        task, setting, rows = ref["task"], ref["setting"], ref["contexts"]
-        random, expert = (np.asarray([row[k] for row in rows], np.float64) for k in ("random_mean", "expert"))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path} is not a reference file of `evaluate.py reference` ({type(e).__name__}: {e})") from None
-    grid = envs.eval_contexts(task, setting)
-    if len(rows) != len(grid) or any(not math.isclose(row["context"].get(k, math.nan), v) for row, (c, _) in zip(rows, grid) for k, v in c.items()):
-        raise SystemExit(f"error: {path}: its contexts are not the {setting} grid of {task}")
-    if (expert <= random).any():
-        raise SystemExit(f"error: {path}: expert return <= random return in context {rows[int(np.argmax(expert <= random))]['context']}")
-    return Reference(path, task, setting, random, expert)
-
-
-def score_matrices(
-    results: list[RunResult], random_return: float = 0.0, expert_return: float = MAX_RETURN, reference: Reference | None = None
-) -> dict[str, np.ndarray]:
-    """{method: normalised scores (seeds, contexts)}, after checking that the files fit together: (R - random) /
-    (expert - random) with the scalar returns, or with `reference`'s per-context ones."""
-    tasks = {r.task for r in results}
-    if len(tasks) > 1:
-        raise SystemExit("error: the files mix tasks: " + ", ".join(f"{r.path} is {r.task}" for r in results))
-    settings = {r.setting for r in results}
-    if len(settings) > 1:
-        raise SystemExit("error: the files mix settings: " + ", ".join(f"{r.path} is {r.setting}" for r in results))
-    by_method: dict[str, list[RunResult]] = {}
-    for r in results:
-        by_method.setdefault(r.method, []).append(r)
-    for method, runs in by_method.items():
-        seeds = [r.seed for r in runs]
-        if len(set(seeds)) < len(seeds):
-            dup = sorted(s for s in set(seeds) if seeds.count(s) > 1)
-            raise SystemExit(f"error: {method} has seed {dup[0]} twice: " + ", ".join(r.path for r in runs if r.seed == dup[0]))
-    counts = {m: len(runs) for m, runs in by_method.items()}
-    if len(set(counts.values())) > 1:
-        raise SystemExit("error: unequal seed counts per method: " + ", ".join(f"{m} {n}" for m, n in counts.items()))
-    if reference is not None:
-        if (reference.task, reference.setting) != (results[0].task, results[0].setting):
-            raise SystemExit(f"error: reference {reference.path} is {reference.task} {reference.setting}, the results are {results[0].task} {results[0].setting}")
-        random_return, expert_return = reference.random, reference.expert  # (contexts,)
-    elif expert_return <= random_return:
-        raise SystemExit(f"error: --expert-return {expert_return} must exceed --random-return {random_return}")
-    return {m: np.stack([(r.returns.mean(1) - random_return) / (expert_return - random_return) for r in runs]) for m, runs in by_method.items()}
-
-
-def aggregate(
-    results: list[RunResult], reps: int = 2000, seed: int = 0, random_return: float = 0.0, expert_return: float = MAX_RETURN,
-    reference: Reference | None = None,
-) -> dict:  # fmt: skip
-    """Every metric with CIs per regime and method, and P(X > Y) for every ordered pair of methods."""
-    scores = score_matrices(results, random_return, expert_return, reference)
-    regimes = np.asarray(results[0].regimes)
-    rng = np.random.default_rng(seed)
-    norm = f"per context, {reference.path}" if reference is not None else f"(R - {random_return:g}) / ({expert_return:g} - {random_return:g})"
-    out: dict = {"task": results[0].task, "setting": results[0].setting, "seeds": len(results) // len(scores), "normalisation": norm,
-                 "metrics": {}, "improvement": {}}  # fmt: skip
-    for reg in REGIMES:
-        cols = np.ones(len(regimes), bool) if reg == "all" else regimes == reg
-        if not cols.any():
-            continue
-        out["metrics"][reg] = {m: {name: metric_with_ci(x[:, cols], f, reps, rng) for name, f in METRICS.items()} for m, x in scores.items()}
-        out["improvement"][reg] = {
-            f"{a} > {b}": improvement_with_ci(scores[a][:, cols], scores[b][:, cols], reps, rng) for a, b in itertools.permutations(scores, 2)
-        }
-    return out
-
-
-def format_table(summary: dict) -> str:
-    fmt = lambda d: f"{d['value']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]"  # noqa: E731
-    lines = [f"{summary['task']} {summary['setting']}, {summary['seeds']} seeds per method, 95% stratified-bootstrap CIs, "
-             f"scores normalised {summary.get('normalisation', '')}"]  # fmt: skip
-    lines.append(f"{'regime':<14} {'method':<12} " + " ".join(f"{n:<22}" for n in METRICS))
-    for reg, methods in summary["metrics"].items():
-        for m, values in methods.items():
-            lines.append(f"{reg:<14} {m:<12} " + " ".join(f"{fmt(values[n]):<22}" for n in METRICS))
-    for reg, pairs in summary["improvement"].items():
-        for pair, value in pairs.items():
-            lines.append(f"{reg:<14} P({pair}) = {fmt(value)}")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -448,9 +234,8 @@ Command = Union[
 
 def main(argv: list[str] | None = None):
     cmd = tyro.cli(Command, args=argv, description=__doc__)
-    if isinstance(cmd, Run):
-        return run(cmd)
-    return aggregate_main(cmd) if isinstance(cmd, Aggregate) else reference_main(cmd)
+    commands = {Run: run, Aggregate: aggregate_main, ReferenceReturns: reference_main}
+    return commands[type(cmd)](cmd)
 
 
 if __name__ == "__main__":

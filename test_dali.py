@@ -954,7 +954,7 @@ def test_replay_records_replay_the_real_episodes(tmp_path):
 
 
 def test_evaluation_starts_every_episode_from_a_fresh_agent_state():
-    from evaluate import episode_returns
+    from rollout import episode_returns
 
     agent = _agent("learned", "deep")  # ball_in_cup's sizes: 8 features, 2 action dims
     seen = []
@@ -1538,6 +1538,28 @@ def test_reference_returns_normalise_each_context_by_its_own_random_and_expert_r
         evaluate.main(["aggregate", *files, "--reference", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
 
 
+def test_film_shows_each_context_side_by_side_in_real_time_and_rejects_bad_contexts(tiny_dali_run, tmp_path, capsys):
+    """film.py: one panel per context, one frame per `every` policy steps from the first state on, labels with
+    the returns; the panels differ because the physics does; impossible or unknown contexts fail clearly."""
+    from PIL import Image
+
+    import film
+
+    out = tmp_path / "new" / "v.gif"
+    film.main(film.Args(checkpoint=str(tiny_dali_run), contexts=("gravity=2.45", "gravity=17.64"), size=32, every=5, out=str(out)))
+    gif = Image.open(out)
+    assert gif.n_frames == 4 and gif.size == (64, 32)  # 20 policy steps per episode (action repeat 50), filmed every 5th
+    assert gif.info["duration"] == 5000  # 5 policy steps of 50 control steps of 0.02 s: real time
+    gif.seek(3)
+    last = np.asarray(gif.convert("RGB"))
+    assert not np.array_equal(last[:, :32], last[:, 32:])  # low and high gravity have moved the ball differently
+    assert "gravity 2.45: " in capsys.readouterr().out
+    for bad, message in [("gravity=-1", "gravity.*impossible"), ("mass=2", "not name=value with a feature of ball_in_cup"),
+                         ("gravity=abc", "'abc' is not a number")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            film.main(film.Args(checkpoint=str(tiny_dali_run), contexts=(bad,), out=str(tmp_path / "x.gif")))
+
+
 def test_aggregate_rejects_bad_results_files(tiny_dali_run, tmp_path):
     import json
 
@@ -1574,6 +1596,7 @@ def test_aggregate_rejects_bad_results_files(tiny_dali_run, tmp_path):
 
 import counterfactual  # noqa: E402
 import probes  # noqa: E402
+import rollout  # noqa: E402
 
 CF_FLAGS = ["--steps", "15", "--threads", "1"]
 
@@ -1581,7 +1604,7 @@ CF_FLAGS = ["--steps", "15", "--threads", "1"]
 def test_counterfactual_sigma_positive_and_m_zero_reproduces_the_dream(tiny_dali_run):
     args, agent, _ = checkpoint.load_agent(tiny_dali_run)
     jobs = [(c, 7 + i) for i, (c, _) in enumerate(envs.eval_contexts("ball_in_cup", "single_0"))]
-    ep = counterfactual.record(agent, "ball_in_cup", "features", args.action_repeat, jobs, 15, "cpu")
+    ep = rollout.record(agent, "ball_in_cup", "features", args.action_repeat, jobs, 15, "cpu")
     ctx = counterfactual.inferred_context(agent, ep, "cpu")
     sigma = counterfactual.ctx_sigma(ctx, 6)
     assert (sigma > 0).all(), sigma  # windows from many contexts differ in every dimension

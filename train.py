@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import envs
 from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, plain_numpy_state, preset, resolve_device, save_checkpoint, saved_args
-from evaluate import episode_returns
+from rollout import episode_returns
 from replay import Replay
 
 # ----------------------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ MACHINERY = [
     ("envs.py", "        if (action < self.action_low).any() or (action > self.action_high).any()", "        if False", "out-of-range actions pass silently", "gymnasium"),
     ("train.py", '"context": info["final_context_vector"][i]})', '"context": info["context_vector"][i]})', "an episode's last record gets the next episode's context", "replay_records"),
     ("evaluate.py", "        path.parent.mkdir(parents=True, exist_ok=True)", "        pass", "output folders not created", "grid_evaluation"),
-    ("evaluate.py", "        state = agent.initial_state(vec.num_envs)", "        state = state if start else agent.initial_state(vec.num_envs)", "evaluation carries the agent state across batches", "fresh_agent_state"),
+    ("rollout.py", "agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state, sample=sample, context=oracle)", "agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, getattr(agent, 'carried', state), sample=sample, context=oracle); agent.carried = state", "evaluation carries the agent state across batches", "fresh_agent_state"),
 ]
 
 # The second half of "previous action not zeroed" (the sequence loop), applied together with the first.
