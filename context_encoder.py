@@ -196,6 +196,15 @@ class ContextWindow:
         self.prev_obs: torch.Tensor | None = None  # o_{t-1}
         self.ctx: torch.Tensor | None = None  # the latest ctx returned, (N, X)
 
+    def state_dict(self) -> dict:
+        """The window's contents (tensors or None), for a checkpoint taken mid-episode."""
+        return {"tokens": self.tokens, "valid": self.valid, "prev_obs": self.prev_obs, "ctx": self.ctx}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.tokens.device
+        self.tokens, self.valid = state["tokens"].to(device), state["valid"].to(device)
+        self.prev_obs, self.ctx = (None if state[k] is None else state[k].to(device) for k in ("prev_obs", "ctx"))
+
     def update(self, obs: torch.Tensor, prev_action: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
         """Add the transition (o_{t-1}, a_{t-1}, o_t) unless o_t starts an episode; return ctx_t (N, X).
         A window that has seen no observation yet (a fresh window, e.g. when the policy takes over from

@@ -212,6 +212,31 @@ class ContextualDMC(gymnasium.Env):
         task = (name, [int(k) for k in keys], int(pos), int(has_gauss), float(gauss))
         return {"task": task, "order_rng": order_rng, "order": [int(i) for i in self._order]}
 
+    def get_state(self) -> dict:
+        """Everything that decides this env's future, mid-episode too: its random streams, the context, MuJoCo's
+        integration state (time, qpos, qvel, act, the solver's warm start, ...) and the time limit's step count.
+        Plain types only (weights_only checkpoints); `set_state` continues the episode bit-identically."""
+        env = self._env
+        return {
+            "rng": self._current_rng(),
+            "pre_reset_rng": self._pre_reset_rng,
+            "context": dict(self.context),
+            "integration": self.physics.get_state(mujoco.mjtState.mjSTATE_INTEGRATION).tolist(),
+            "step_count": int(env._step_count),
+            "needs_reset": bool(self._needs_reset),
+        }
+
+    def set_state(self, state: dict) -> None:
+        """Continue from `get_state`'s snapshot (of an env of the same task and contexts)."""
+        self.set_rng_state(state["rng"])
+        self._pre_reset_rng = state["pre_reset_rng"]
+        self.apply_context(state["context"])
+        self.physics.set_state(np.asarray(state["integration"], np.float64), mujoco.mjtState.mjSTATE_INTEGRATION)
+        # dm_control's step runs mj_step2 on the quantities the previous step's mj_step1 left: recompute them
+        mujoco.mj_step1(self.physics.model.ptr, self.physics.data.ptr)
+        self._env._step_count = state["step_count"]
+        self._env._reset_next_step = self._needs_reset = state["needs_reset"]
+
     def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
         """Start an episode in the next context of the round robin, or in options["context"] (a full or
         partial context dict; missing features take their defaults). `seed` reseeds this env's streams."""

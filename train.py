@@ -11,11 +11,12 @@ fixed train ratio (replayed steps per policy step). Each episode draws the next 
 env (envs.py); DALI (arXiv:2508.20294, Sec. 6) trains on 100 contexts sampled from the training range.
 
 Output in --logdir: args.json, metrics.jsonl (one JSON object per log line), TensorBoard events, ckpt.pt
-(written atomically at episode boundaries every --save-every env steps and at the end).
+(written atomically at episode boundaries every --save-every env steps, at a signal and at the end).
 
-Ctrl-C (SIGINT) or SIGTERM (what SLURM sends before it kills a job) saves a checkpoint at the next episode
-boundary, the next point where resuming is exact, and exits with status 128 + the signal's number; a second
-signal exits at once, keeping the last checkpoint. `--resume` takes the run's own configuration from its
+Ctrl-C (SIGINT) or SIGTERM (what SLURM sends before it kills a job) saves a checkpoint after the current
+step, mid-episode too (each env's MuJoCo state and random streams, the agent's latent, previous action and
+context windows, the episode counters: resuming is exact), and exits with status 128 + the signal's number;
+a second signal exits at once, keeping the last checkpoint. `--resume` takes the run's own configuration from its
 logdir: only the flags in checkpoint.RESUMABLE (steps, threads, logging, evaluation, device) may change.
 """
 
@@ -66,6 +67,18 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: " + "\n       ".join(problems))
 
 
+def check_finite(metrics: dict[str, torch.Tensor], update: int, env_steps: int, ckpt_path: Path) -> None:
+    """Stop a run whose losses or gradient norms became NaN or infinite, naming the update and the metrics,
+    before training on silently. Nothing is saved: the last good checkpoint stays as it was. One host sync
+    per update (about 25 scalars)."""
+    values = torch.stack([v.float() for v in metrics.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = ", ".join(f"{k} = {v.item()}" for k, v in metrics.items() if not torch.isfinite(v))
+    kept = f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else "no checkpoint was saved yet"
+    raise SystemExit(f"error: non-finite values at update {update} (env step {env_steps}): {bad}; stopped before training on; {kept}")
+
+
 def to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
@@ -102,7 +115,7 @@ class Logger:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM handler: the first signal asks the loop to checkpoint at the next safe point and exit;
+    """SIGINT/SIGTERM handler: the first signal asks the loop to checkpoint after the current step and exit;
     a second one exits at once (the last checkpoint stays as it was)."""
 
     def __init__(self):
@@ -113,12 +126,26 @@ class StopRequest:
         if self.signum:
             raise SystemExit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the next episode boundary, then exiting "
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step, then exiting "
               "(send it again to exit at once without saving)", file=sys.stderr, flush=True)  # fmt: skip
 
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def agent_state_dict(state: tuple) -> dict:
+    """The agent's acting state (latent, previous action, context window or None) as tensors."""
+    latent, prev_action, window = state
+    return {"latent": dict(latent), "prev_action": prev_action, "window": None if window is None else window.state_dict()}
+
+
+def load_agent_state(agent, saved: dict, n: int, device) -> tuple:
+    """The inverse of `agent_state_dict`, for `n` envs."""
+    _, _, window = agent.initial_state(n)
+    if window is not None:
+        window.load_state_dict(saved["window"])
+    return {k: v.to(device) for k, v in saved["latent"].items()}, saved["prev_action"].to(device), window
 
 
 def prepare_logdir(logdir: Path, ckpt: dict | None) -> None:
@@ -183,15 +210,27 @@ def main(args: Args) -> dict:
         for env, state in zip(vec.envs, ckpt["rng"]["envs"]):
             env.set_rng_state(state)  # the envs replay the reset that followed the checkpoint's episode end
 
-    obs, info = vec.reset()
-    true_context = info["context_vector"]  # (N, X): stored in the replay; read by the oracle baselines alone
-    state = agent.initial_state(args.envs)
-    prev_action = np.zeros((args.envs, vec.action_size), np.float32)
-    reward, is_terminal = np.zeros(args.envs, np.float32), np.zeros(args.envs, bool)
-    ep_return = np.zeros(args.envs)
+    acting = None if ckpt is None else ckpt.get("acting")  # absent in checkpoints written before mid-episode saving
+    if acting is None:  # a fresh run, or a checkpoint taken at an episode boundary by older code
+        obs, info = vec.reset()
+        true_context = info["context_vector"]  # (N, X): stored in the replay; read by the oracle baselines alone
+        state = agent.initial_state(args.envs)
+        prev_action = np.zeros((args.envs, vec.action_size), np.float32)
+        reward, is_terminal = np.zeros(args.envs, np.float32), np.zeros(args.envs, bool)
+        ep_return = np.zeros(args.envs)
+        at_boundary = True  # all envs start episodes together and DMC episodes have a fixed length
+    else:  # continue the episodes where the checkpoint left them
+        for env, env_state in zip(vec.envs, acting["envs"]):
+            env.set_state(env_state)
+        obs = {k: v.numpy() for k, v in acting["obs"].items()}
+        true_context, prev_action, reward, is_terminal, ep_return = (acting[k].numpy() for k in ("true_context", "prev_action", "reward", "is_terminal", "ep_return"))
+        state = load_agent_state(agent, acting["agent"], args.envs, device)
+        at_boundary = acting["at_boundary"]
     steps_per_vec = args.envs * args.action_repeat
     updates_per_policy_step = args.train_ratio / (args.batch_size * args.batch_length)
     logger = Logger(logdir, c["env_steps"])
+    if acting is not None:
+        logger.pending = {k: list(v) for k, v in acting["pending"].items()}  # metrics since the last log line
     progress = tqdm(total=args.steps, initial=min(c["env_steps"], args.steps), unit="step", disable=not args.progress, dynamic_ncols=True)
     t_last, steps_last = time.time(), c["env_steps"]
 
@@ -205,11 +244,19 @@ def main(args: Args) -> dict:
         }
         optimizers = {name: opt.state_dict() for name, opt in agent.optimizers.items()}
         payload = {"version": CHECKPOINT_VERSION, "args": dataclasses.asdict(args), "agent": agent.state_dict(), "optimizers": optimizers}
-        save_checkpoint(ckpt_path, {**payload, "replay": replay.state_dict(), "counters": dict(c), "rng": rng})
+        arrays = {"true_context": true_context, "prev_action": prev_action, "reward": reward, "is_terminal": is_terminal, "ep_return": ep_return}
+        acting = {
+            "envs": [env.get_state() for env in vec.envs],
+            "obs": {k: torch.from_numpy(np.array(v)) for k, v in obs.items()},
+            **{k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
+            "agent": agent_state_dict(state),
+            "at_boundary": at_boundary,
+            "pending": {k: [v if torch.is_tensor(v) else float(v) for v in vs] for k, vs in logger.pending.items()},
+        }
+        save_checkpoint(ckpt_path, {**payload, "replay": replay.state_dict(), "counters": dict(c), "rng": rng, "acting": acting})
 
     stop = StopRequest()
-    at_boundary = True  # all envs start episodes together and DMC episodes have a fixed length
-    while not ((c["env_steps"] >= args.steps or stop.signum) and at_boundary):
+    while not (c["env_steps"] >= args.steps and at_boundary) and not stop.signum:
         # Store record t = (o_t, a_{t-1}, r_t, is_first_t, is_terminal_t, ctx_t) of every env.
         for i in range(args.envs):
             replay.add(i, {obs_key: obs[obs_key][i], "action": prev_action[i], "reward": reward[i], "is_first": obs["is_first"][i],
@@ -245,7 +292,9 @@ def main(args: Args) -> dict:
             policy_steps = (c["env_steps"] - args.prefill) // args.action_repeat
             while c["updates"] < policy_steps * updates_per_policy_step:
                 batch = to_torch(replay.sample(args.batch_size, length), device)
-                logger.add(agent.update(batch))
+                metrics = agent.update(batch)
+                check_finite(metrics, c["updates"] + 1, c["env_steps"], ckpt_path)
+                logger.add(metrics)
                 c["updates"] += 1
         # Evaluate, log, checkpoint
         if args.eval_every and c["env_steps"] - c["last_eval"] >= args.eval_every and c["env_steps"] >= args.prefill:
@@ -263,10 +312,13 @@ def main(args: Args) -> dict:
         if at_boundary and c["env_steps"] - c["last_save"] >= args.save_every:
             c["last_save"] = c["env_steps"]
             checkpoint()
-    if c["last_save"] != c["env_steps"]:  # not already saved at this very step
-        checkpoint()
-    if logger.pending:
-        logger.write(c["env_steps"], progress if args.progress else None)
+    if stop.signum:  # the metrics since the last log line stay pending in the checkpoint: the resumed run logs them
+        if c["last_save"] != c["env_steps"]:  # not already saved at this very step
+            checkpoint()
+    else:
+        if logger.pending:
+            logger.write(c["env_steps"], progress if args.progress else None)
+        checkpoint()  # the final state, nothing pending
     progress.close()
     logger.close()
     vec.close()
