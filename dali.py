@@ -16,8 +16,10 @@ where ctx comes from and where it goes, trains the context encoder (context_enco
 ctx is detached wherever the world model and the actor-critic consume it: only L_FD (and L_cross) train
 the context encoder, with its own optimiser. A learned-context agent never reads the true context.
 
-Replayed batches of a learned-context agent hold K = `context_prefix` extra records before the T training
-steps, so that ctx_t of the first training step already sees a full window (fewer at an episode start).
+Replayed batches of a learned-context agent hold P = `context_prefix` extra records before the T training
+steps: P = K, so that ctx_t of the first training step pools a full window of K transitions (fewer after an
+episode start), and P = K + 1 with deep integration, so that ctx_{t-1}, which the sequence model reads
+there, pools K transitions too, as when acting. Shallow integration reads no ctx_{t-1}: P = K suffices.
 
 Data convention (one for replay, training and acting): record t holds o_t, the action a_{t-1} that led to
 it (zeros when is_first), the reward r_t received on arriving at o_t, is_first_t, is_terminal_t and the
@@ -61,9 +63,12 @@ class AgentConfig(ActorCriticConfig, WorldModelConfig, ContextConfig):
 
 
 def context_prefix(cfg: AgentConfig, ctx_cfg: ContextEncoderConfig) -> int:
-    """History records P before the T training steps of a replayed batch: K for a learned context (ctx_t of the
-    first step pools K transitions), 0 otherwise."""
-    return ctx_cfg.window if cfg.context == "learned" else 0
+    """History records P before the T training steps of a replayed batch: K for a learned context, so that ctx_t
+    of the first step pools K transitions; K + 1 with deep integration, so that ctx_{t-1}, which its sequence
+    model reads there, pools K transitions too, as when acting; 0 otherwise."""
+    if cfg.context != "learned":
+        return 0
+    return ctx_cfg.window + (1 if cfg.integration == "deep" else 0)
 
 
 def sequence_context(ctx: torch.Tensor, is_first: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:

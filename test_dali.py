@@ -792,6 +792,33 @@ def test_deep_prior_never_sees_the_observation_it_predicts():
     torch.testing.assert_close(deters[0], deters[1])
 
 
+def test_deep_sequence_context_at_the_first_training_step_pools_the_full_window_of_acting():
+    """DALI-D's sequence model reads ctx_{t-1} on its step into h_t. At the first training step of a replayed
+    batch that ctx must pool the same K transitions as the acting window did one step earlier, not K - 1 cut
+    off at the segment start: a deep learned batch holds K + 1 history records (shallow: K, it reads no
+    ctx_{t-1}). The batch is a segment of one long episode, so every window is full."""
+    torch.manual_seed(0)
+    K, T, s = 4, 5, 3  # s: the segment starts mid-episode
+    agent = _agent("learned", "deep", ctx_window=K)
+    assert _agent("learned", "shallow", ctx_window=K).context_prefix == K
+    P = agent.context_prefix
+    with torch.no_grad():  # untrained but not degenerate: position biases and output layer away from init
+        agent.ctx_encoder.position.normal_()
+        agent.ctx_encoder.out[-1].weight.normal_()
+    episode = _batch(B=2, T=s + P + T)  # is_first only at record 0
+    batch = {k: v[:, s : s + P + T] for k, v in episode.items()}
+    _, seq_ctx, pieces = agent.context(batch)
+    window = context_encoder.ContextWindow(agent.ctx_encoder, 2, "cpu")
+    for t in range(s + P):  # act up to the record before the first training step, s + P
+        acted = window.update(episode["obs"][:, t], episode["action"][:, t], episode["is_first"][:, t])
+    assert (window.valid.sum(-1) == K).all()
+    torch.testing.assert_close(seq_ctx[:, 0], acted, rtol=1e-5, atol=1e-5)
+    # its window in training: the valid tokens j (= (o_j, a_j, o_{j+1})) with P - 1 - K <= j <= P - 2
+    j = torch.arange(P - 1)
+    assert ((pieces["valid"][:, : P - 1] & (j >= P - 1 - K)).sum(-1) == K).all()
+    agent.update(batch)  # and the update takes the longer batch
+
+
 def test_imagination_from_a_posterior_state_repeats_the_training_step():
     """Imagining from s_t with ctx_t held (ActorCritic.loss, WorldModel.imagine) is the computation observe did for h_{t+1}."""
     torch.manual_seed(0)
@@ -1196,6 +1223,8 @@ def test_bad_flags_fail_before_anything_is_written(tmp_path):
     cases = [
         (["--threads", "-1"], "--threads -1: must be >= 0"),
         (["--prefill", "5000", "--steps", "4000"], "--prefill 5000 >= --steps 4000"),
+        # 29 // 2 envs = 14 records per env: T = 8 + K = 6 for DALI-S, but DALI-D samples K + 1 = 7 of history
+        (["--replay-capacity", "29", "--integration", "deep"], r"--replay-capacity 29: must hold --batch-length \+ 7 history records per env"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: this torch build or machine has no CUDA device"))
