@@ -10,6 +10,7 @@ checkpoint cannot run code on load.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
@@ -25,7 +26,7 @@ from context_encoder import ContextEncoderConfig
 from dali import Agent, AgentConfig, Spaces
 from rssm import RSSMConfig
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the agent's world model and actor-critic are submodules `wm` and `ac`
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def load_checkpoint(path: str | Path, args: Args | None = None) -> dict:
         ) from None
     except Exception as e:  # truncated zip, garbage bytes, ...
         raise SystemExit(f"error: checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if isinstance(ckpt, dict) and ckpt.get("version") == 1:
+        ckpt = migrate_v1(ckpt)
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise SystemExit(f"error: {path} is not a checkpoint of this train.py (version {CHECKPOINT_VERSION})")
     if args is not None:
@@ -158,6 +161,63 @@ def load_checkpoint(path: str | Path, args: Args | None = None) -> dict:
         if conflicts:
             raise SystemExit(f"error: checkpoint {path} was trained with another configuration:\n       " + "\n       ".join(conflicts))
     return ckpt
+
+
+# Version 1 (up to commit 44a2cd4) kept every module of the agent at its top level; version 2 groups them.
+V1_PREFIXES = {
+    **{name: "wm." + name for name in ("encoder.", "rssm.", "decoder.", "reward_head.", "cont_head.")},
+    **{name: "ac." + name for name in ("actor.", "critic.", "slow_critic.", "retnorm.")},
+    "ctx_encoder.": "ctx_encoder.", "cross.": "cross.",
+}
+
+
+def migrate_v1(ckpt: dict) -> dict:
+    """A version-1 checkpoint as version 2: the agent's keys renamed (`encoder.*` -> `wm.encoder.*`, `actor.*` ->
+    `ac.actor.*`, ...), the duplicate `world_model.*` entries (a ModuleList of the same modules) dropped and
+    the two-hot `bins` given to both parts. The optimiser states need no change: they are keyed by parameter
+    index, and the world model's parameters come in the order of the old ModuleList (a test resumes a
+    version-1 checkpoint bit-identically)."""
+    agent = {}
+    for key, value in ckpt["agent"].items():
+        if key == "bins":
+            agent["wm.bins"] = agent["ac.bins"] = value
+        elif not key.startswith("world_model."):
+            prefix = next((p for p in V1_PREFIXES if key.startswith(p)), None)
+            if prefix is None:
+                raise SystemExit(f"error: version-1 checkpoint has an unknown agent entry {key!r}")
+            agent[V1_PREFIXES[prefix] + key[len(prefix) :]] = value
+    return {**ckpt, "version": 2, "agent": agent}
+
+
+def flat_state(ckpt: dict) -> dict:
+    """Every tensor and plain value of a checkpoint's training state by its path ("agent.wm.rssm.gru.weight",
+    "optimizers.model.state.0.exp_avg", "replay.data.obs", "rng.torch", ...): what two runs must share to
+    be in the same state. Left out: the args (they name the logdir) and the wall-clock counter."""
+    out = {}
+
+    def walk(x, path: str) -> None:
+        nested = isinstance(x, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) or torch.is_tensor(v) for v in x)
+        if isinstance(x, dict) or nested:
+            for k, v in x.items() if isinstance(x, dict) else enumerate(x):
+                walk(v, f"{path}.{k}" if path else str(k))
+        else:
+            out[path] = x
+
+    walk({k: v for k, v in ckpt.items() if k != "args"}, "")
+    out.pop("counters.seconds", None)
+    return out
+
+
+def state_digest(ckpt: dict) -> dict[str, str]:
+    """`flat_state` as a SHA-256 digest per entry (of a tensor's dtype, shape and bytes): equal digests, equal state."""
+    out = {}
+    for path, value in flat_state(ckpt).items():
+        if torch.is_tensor(value):
+            data = f"{value.dtype} {tuple(value.shape)}".encode() + value.detach().cpu().contiguous().numpy().tobytes()
+        else:
+            data = json.dumps(value).encode()
+        out[path] = hashlib.sha256(data).hexdigest()
+    return out
 
 
 def config_conflicts(saved: dict, new: dict) -> list[str]:

@@ -52,7 +52,7 @@ OBS_NAMES = {"ball_in_cup": ["cup x", "cup z", "ball x", "ball z", "cup vx", "cu
 def inferred_context(agent: Agent, ep: Episodes, device) -> torch.Tensor:
     """ctx_t at every step, as when acting (a test asserts the two agree): (E, T, X)."""
     x = ep.x.to(device)
-    tokens = x.float() if agent.spaces.image is None else agent.encoder(x)
+    tokens = x.float() if agent.spaces.image is None else agent.wm.encoder(x)
     ctx, _ = agent.ctx_encoder.segment(tokens, ep.action.to(device), ep.is_first.to(device))
     return ctx
 
@@ -82,23 +82,23 @@ def dream(agent: Agent, ep: Episodes, ctx: torch.Tensor, index: torch.Tensor, st
 
 def _dream_one(agent: Agent, ep: Episodes, ctx, index, start, horizon, actions, delta, seed, decode_shifted) -> torch.Tensor:
     torch.manual_seed(seed)  # common random numbers across counterfactuals
-    rssm, device = agent.rssm, ctx.device
+    wm, device = agent.wm, ctx.device
     x = ep.x[index, : start + 1].to(device)
     shifted = ctx[index, : start + 1] + delta  # (N, start+1, X)
-    embed = agent.encoder(x.float() if agent.spaces.image is None else x)
+    embed = wm.encoder(x.float() if agent.spaces.image is None else x)
     deep, post_ctx = agent.ctx_deep > 0, agent.ctx_post > 0
     is_first = ep.is_first[index, : start + 1].to(device)
     seq_ctx = sequence_context(shifted, is_first) if deep else None  # ctx_{t-1} into h_t, as in training
-    post, _ = rssm.observe(embed, ep.action[index, : start + 1].to(device), is_first, ctx_seq=seq_ctx, ctx_post=shifted if post_ctx else None)
+    post, _ = wm.rssm.observe(embed, ep.action[index, : start + 1].to(device), is_first, ctx_seq=seq_ctx, ctx_post=shifted if post_ctx else None)
     state = {k: v[:, -1] for k, v in post.items()}
-    step_ctx = shifted[:, -1] if deep else None  # held for the whole dream, as in imagine_and_act
+    step_ctx = shifted[:, -1] if deep else None  # held for the whole dream, as in WorldModel.imagine
     decode_ctx = None if not deep else (step_ctx if decode_shifted else ctx[index, start])
-    feats = [agent._with_ctx(rssm.feat(state), decode_ctx)]
+    feats = [wm.feat(state, decode_ctx)]
     for t in range(horizon):
-        state = rssm.img_step(state, actions[:, t].to(device), step_ctx)
-        feats.append(agent._with_ctx(rssm.feat(state), decode_ctx))
+        state = wm.rssm.img_step(state, actions[:, t].to(device), step_ctx)
+        feats.append(wm.feat(state, decode_ctx))
     feat = torch.stack(feats, 1)  # (N, H+1, F)
-    decoder = agent.decoder
+    decoder = wm.decoder
     if agent.spaces.image is None:
         return symexp(decoder.net(feat)[..., : agent.spaces.obs])
     N, L = feat.shape[:2]

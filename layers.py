@@ -1,11 +1,15 @@
 """DreamerV3's building blocks (Hafner et al., arXiv:2301.04104, Sec. 2 and App. B), shared by the RSSM, the
-agent's networks and the context encoder: the symlog transform, the truncated-normal initialiser, the
-Dense block (Linear -> LayerNorm -> SiLU), output layers and MLPs made of them."""
+world model, the actor-critic and the context encoder: the symlog transform, the symlog two-hot
+distribution of the reward head and the critic (eq. 9-10), the truncated-normal initialiser, the Dense
+block (Linear -> LayerNorm -> SiLU), output layers and MLPs made of them.
+
+Shapes: K two-hot bins."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
@@ -16,6 +20,28 @@ def symlog(x: torch.Tensor) -> torch.Tensor:
 def symexp(x: torch.Tensor) -> torch.Tensor:
     """The inverse of symlog."""
     return torch.sign(x) * torch.expm1(x.abs())
+
+
+def twohot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Two-hot encoding of x (...) over sorted `bins` (K,): weights on the two nearest bins -> (..., K)."""
+    x = x.clamp(bins[0], bins[-1])
+    above = torch.searchsorted(bins, x.contiguous(), right=True).clamp(1, len(bins) - 1)  # index of upper bin
+    lo, hi = bins[above - 1], bins[above]
+    w_hi = (x - lo) / (hi - lo)
+    out = torch.zeros(*x.shape, len(bins), dtype=x.dtype, device=x.device)
+    out.scatter_(-1, (above - 1).unsqueeze(-1), (1 - w_hi).unsqueeze(-1))
+    out.scatter_add_(-1, above.unsqueeze(-1), w_hi.unsqueeze(-1))
+    return out
+
+
+def twohot_mean(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Expected value of a symlog two-hot distribution: (..., K) -> (...)."""
+    return symexp((F.softmax(logits, -1) * bins).sum(-1))
+
+
+def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """DreamerV3 eq. 9-10: cross-entropy of twohot(symlog(target)) under the predicted bins: (...)."""
+    return -(twohot(symlog(target), bins) * F.log_softmax(logits, -1)).sum(-1)
 
 
 def trunc_normal_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

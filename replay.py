@@ -2,7 +2,8 @@
 
 One ring buffer per env keeps each env's records in order, so a sampled (B, T) sequence is T consecutive
 records of one env; it may cross an episode boundary, marked by is_first, where the RSSM restarts its
-state. A learned-context agent samples K + T records (K of history before the T training steps).
+state. A learned-context agent samples P + T records: P = dali.context_prefix records of history (the
+context window K, or K + 1 with deep integration) before the T training steps.
 Record t holds o_t, a_{t-1}, r_t, is_first_t, is_terminal_t and the true context (dali.py's convention).
 """
 

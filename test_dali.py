@@ -335,7 +335,7 @@ def test_reward_belongs_to_the_observation_it_arrives_with():
 
 
 # ----------------------------------------------------------------------------------------------------
-# rssm.py and dali.py: the DreamerV3 maths
+# rssm.py, world_model.py, actor_critic.py and dali.py: the DreamerV3 maths
 # ----------------------------------------------------------------------------------------------------
 
 import copy  # noqa: E402
@@ -344,8 +344,10 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # robust beside other jobs: spin-waiting threads collapse on a busy machine
 
+import actor_critic  # noqa: E402
 import context_encoder  # noqa: E402
 import dali  # noqa: E402
+import layers  # noqa: E402
 import rssm  # noqa: E402
 import checkpoint  # noqa: E402
 import train  # noqa: E402
@@ -356,28 +358,28 @@ TINY_AGENT = dict(hidden=32, layers=1, cnn_depth=4)
 
 def test_symlog_symexp_inverse():
     x = torch.tensor([-1e6, -100.0, -1.0, -1e-3, 0.0, 1e-3, 1.0, 100.0, 1e6], dtype=torch.float64)
-    torch.testing.assert_close(dali.symexp(dali.symlog(x)), x)
-    torch.testing.assert_close(dali.symlog(dali.symexp(x[2:-2])), x[2:-2])
+    torch.testing.assert_close(layers.symexp(layers.symlog(x)), x)
+    torch.testing.assert_close(layers.symlog(layers.symexp(x[2:-2])), x[2:-2])
 
 
 def test_twohot_round_trip_and_loss_minimum():
     bins = torch.linspace(-20, 20, 255, dtype=torch.float64)
     x = torch.empty(1000, dtype=torch.float64).uniform_(-19.9, 19.9)
-    enc = dali.twohot(x, bins)
+    enc = layers.twohot(x, bins)
     assert torch.allclose(enc.sum(-1), torch.ones(1000, dtype=torch.float64))
     assert ((enc > 0).sum(-1) <= 2).all()
     torch.testing.assert_close((enc * bins).sum(-1), x)  # decode(encode(x)) == x
     # the loss is minimised by logits that put the two-hot mass on the target: mean recovers the target
     target = torch.tensor([3.7, -250.0, 0.0], dtype=torch.float64)
-    logits = torch.log(dali.twohot(dali.symlog(target), bins) + 1e-12)
-    torch.testing.assert_close(dali.twohot_mean(logits, bins), target, rtol=1e-6, atol=1e-6)
+    logits = torch.log(layers.twohot(layers.symlog(target), bins) + 1e-12)
+    torch.testing.assert_close(layers.twohot_mean(logits, bins), target, rtol=1e-6, atol=1e-6)
 
 
 def test_lambda_return_equals_naive_n_step_expansion():
     torch.manual_seed(0)
     H, N, lam = 6, 5, 0.8
     reward, disc, value = torch.randn(H, N), torch.rand(H, N), torch.randn(H + 1, N)
-    ret = dali.lambda_return(reward, disc, value, lam)
+    ret = actor_critic.lambda_return(reward, disc, value, lam)
 
     def n_step(t, n):  # G_t^(n) = sum_k (prod_{j<k} d_{t+j}) r_{t+k} + (prod_{j<n} d_{t+j}) v_{t+n}
         g, p = torch.zeros(N), torch.ones(N)
@@ -485,8 +487,8 @@ def test_update_changes_every_parameter_and_loss_keys_match_scales(obs):
     torch.manual_seed(0)
     agent = _agent("oracle", "deep", obs)
     before = {k: v.detach().clone() for k, v in agent.named_parameters()}
-    losses, _ = agent.world_model_loss(_batch(obs=obs), *agent.context(_batch(obs=obs))[:2])
-    assert losses.keys() == agent.loss_scales.keys()
+    losses, _ = agent.wm.loss(_batch(obs=obs), *agent.context(_batch(obs=obs))[:2])
+    assert losses.keys() == agent.wm.loss_scales.keys()
     # two updates: the zero-initialised output layers of reward head and critic block gradients to their
     # hidden layers on the first one
     for seed in range(2):
@@ -494,7 +496,7 @@ def test_update_changes_every_parameter_and_loss_keys_match_scales(obs):
     assert all(torch.isfinite(v) for v in metrics.values())
     unchanged = [k for k, v in agent.named_parameters() if v.requires_grad and torch.equal(v, before[k])]
     assert unchanged == []
-    assert not torch.equal(agent.slow_critic[-1].weight, torch.zeros_like(agent.slow_critic[-1].weight))
+    assert not torch.equal(agent.ac.slow_critic[-1].weight, torch.zeros_like(agent.ac.slow_critic[-1].weight))
 
 
 @pytest.mark.parametrize("integration", ["shallow", "deep"])
@@ -508,7 +510,7 @@ def test_context_unaware_agent_ignores_true_context_and_oracle_reads_it(integrat
         for b in (batch, garbage):
             torch.manual_seed(1)
             ctx, seq_ctx, _ = agent.context(b)
-            losses, post = agent.world_model_loss({k: v[:, agent.context_prefix :] for k, v in b.items()}, ctx, seq_ctx)
+            losses, post = agent.wm.loss({k: v[:, agent.context_prefix :] for k, v in b.items()}, ctx, seq_ctx)
             state, actions = agent.initial_state(3), []
             for t in range(4):  # a few steps, so a learned agent's window fills
                 obs = {"obs": b["obs"][:, t], "context": b["context"][:, t], "is_first": b["is_first"][:, t]}
@@ -529,7 +531,7 @@ def test_agent_checkpoint_round_trip_reproduces_outputs(tmp_path):
     obs = {"obs": b["obs"][:, 0], "context": b["context"][:, 0], "is_first": b["is_first"][:, 0]}
     for model in (agent, clone):
         torch.manual_seed(3)
-        model.out = (model.act(obs, model.initial_state(3), sample=True, context=b["context"][:, 0])[0], model.world_model_loss(b, *model.context(b)[:2])[0]["dec"])
+        model.out = (model.act(obs, model.initial_state(3), sample=True, context=b["context"][:, 0])[0], model.wm.loss(b, *model.context(b)[:2])[0]["dec"])
     torch.testing.assert_close(agent.out, clone.out, rtol=0, atol=0)
 
 
@@ -549,10 +551,11 @@ def test_defaults_are_the_papers_constants():
     assert (r.stoch, r.classes, r.unimix, r.norm_eps) == (32, 32, 0.01, 1e-3)
     assert (c.window, c.dim) == (64, 8)
     agent = _agent()
-    torch.testing.assert_close(agent.bins, torch.linspace(-20, 20, 255))
-    assert agent.loss_scales == {"dec": 1.0, "rew": 1.0, "cont": 1.0, "dyn": 0.5, "rep": 0.1}
-    assert torch.equal(agent.reward_head[-1].weight, torch.zeros_like(agent.reward_head[-1].weight))  # zero-initialised
-    assert torch.equal(agent.critic[-1].weight, torch.zeros_like(agent.critic[-1].weight))
+    torch.testing.assert_close(agent.wm.bins, torch.linspace(-20, 20, 255))
+    torch.testing.assert_close(agent.ac.bins, torch.linspace(-20, 20, 255))
+    assert agent.wm.loss_scales == {"dec": 1.0, "rew": 1.0, "cont": 1.0, "dyn": 0.5, "rep": 0.1}
+    assert torch.equal(agent.wm.reward_head[-1].weight, torch.zeros_like(agent.wm.reward_head[-1].weight))  # zero-initialised
+    assert torch.equal(agent.ac.critic[-1].weight, torch.zeros_like(agent.ac.critic[-1].weight))
 
 
 def _layer_norm(x, norm):
@@ -646,14 +649,14 @@ def test_world_model_loss_weights_the_papers_terms():
 
 def test_return_normaliser_tracks_the_5_to_95_percentile_range():
     """DreamerV3 eq. 11: S = max(1, EMA_0.99(P95) - EMA_0.99(P5)), the EMAs starting at 0."""
-    norm = dali.ReturnNorm(0.99)
+    norm = actor_critic.ReturnNorm(0.99)
     returns = torch.linspace(0, 100, 1001)  # P5 = 5, P95 = 95
     scales = [float(norm(returns)) for _ in range(600)]
     assert scales[0] == 1.0  # 0.01 * 90 < 1: the floor
     assert scales[99] == pytest.approx(90 * (1 - 0.99**100), rel=1e-4)
     assert scales[-1] == pytest.approx(90 * (1 - 0.99**600), rel=1e-4)
     assert float(norm.lo) == pytest.approx(5 * (1 - 0.99**600), rel=1e-4)
-    small = dali.ReturnNorm(0.99)
+    small = actor_critic.ReturnNorm(0.99)
     assert all(float(small(torch.linspace(0, 0.5, 101))) == 1.0 for _ in range(300))  # narrow returns: S = 1
 
 
@@ -661,9 +664,9 @@ def _randomise_heads(agent, seed=0):
     """Zero-initialised reward head and critic predict 0 everywhere; give them outputs that vary."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for head in (agent.reward_head, agent.critic, agent.slow_critic):
+        for head in (agent.wm.reward_head, agent.ac.critic, agent.ac.slow_critic):
             head[-1].weight.copy_(torch.randn(head[-1].weight.shape, generator=g) * 0.3)
-        agent.cont_head[-1].bias.fill_(0.3)
+        agent.wm.cont_head[-1].bias.fill_(0.3)
 
 
 def _reference_imagination(agent, post, is_terminal, lo, hi):
@@ -675,21 +678,21 @@ def _reference_imagination(agent, post, is_terminal, lo, hi):
     critic's value."""
     H, lam, gamma, eta = agent.cfg.horizon, 0.95, 1 - 1 / 333, 3e-4
     bins = torch.linspace(-20, 20, 255)
-    mean = lambda logits: dali.symexp((torch.softmax(logits, -1) * bins).sum(-1))  # noqa: E731
+    mean = lambda logits: layers.symexp((torch.softmax(logits, -1) * bins).sum(-1))  # noqa: E731
     state = {k: post[k].detach().flatten(0, 1) for k in ("deter", "stoch")}
     feats, entropy = [], []
     for t in range(H + 1):
         feat = torch.cat([state["deter"], state["stoch"]], -1)
         feats.append(feat)
-        dist = agent.actor(feat.detach())
+        dist = agent.ac.actor(feat.detach())
         entropy.append(dist.entropy().sum(-1))
         a = dist.rsample()
         a = a * (1 / torch.clamp(a.abs(), min=1)).detach()
         if t < H:
-            state = agent.rssm.img_step(state, a)
+            state = agent.wm.rssm.img_step(state, a)
     feat = torch.stack(feats)  # (H+1, N, F)
-    reward, value = mean(agent.reward_head(feat[1:])).squeeze(-1), mean(agent.critic(feat))
-    cont = (agent.cont_head(feat[1:]).squeeze(-1) > 0).float()
+    reward, value = mean(agent.wm.reward_head(feat[1:])).squeeze(-1), mean(agent.ac.critic(feat))
+    cont = (agent.wm.cont_head(feat[1:]).squeeze(-1) > 0).float()
     returns = [value[H]]
     for t in reversed(range(H)):  # R_t = r_{t+1} + gamma c_{t+1} ((1 - lam) v_{t+1} + lam R_{t+1})
         returns.insert(0, reward[t] + gamma * cont[t] * ((1 - lam) * value[t + 1] + lam * returns[0]))
@@ -702,9 +705,9 @@ def _reference_imagination(agent, post, is_terminal, lo, hi):
     scale = torch.clamp((0.99 * hi + 0.01 * q[1]) - (0.99 * lo + 0.01 * q[0]), min=1.0)
     actor = -weight * ((ret - value[:-1]) / scale + eta * torch.stack(entropy[:-1]))
     x = feat[:-1].detach()
-    log_p = torch.log_softmax(agent.critic(x), -1)
-    ce = lambda target: -(dali.twohot(dali.symlog(target.detach()), bins) * log_p).sum(-1)  # noqa: E731
-    critic = weight * (ce(ret) + ce(mean(agent.slow_critic(x))))
+    log_p = torch.log_softmax(agent.ac.critic(x), -1)
+    ce = lambda target: -(layers.twohot(layers.symlog(target.detach()), bins) * log_p).sum(-1)  # noqa: E731
+    critic = weight * (ce(ret) + ce(mean(agent.ac.slow_critic(x))))
     return actor, critic, scale
 
 
@@ -714,33 +717,33 @@ def test_imagination_and_actor_critic_losses_equal_dreamerv3_written_out():
     _randomise_heads(agent)
     batch = _batch(B=4, T=6)
     batch["is_terminal"][0, 2] = batch["is_terminal"][2, 5] = True  # terminal start states weigh 0
-    _, post = agent.world_model_loss(batch, None)
+    _, post = agent.wm.loss(batch, None)
     with torch.no_grad():
-        agent.retnorm.lo.fill_(-5.0)
-        agent.retnorm.hi.fill_(20.0)  # S about 25: normalisation matters
-    lo, hi = agent.retnorm.lo.clone(), agent.retnorm.hi.clone()
+        agent.ac.retnorm.lo.fill_(-5.0)
+        agent.ac.retnorm.hi.fill_(20.0)  # S about 25: normalisation matters
+    lo, hi = agent.ac.retnorm.lo.clone(), agent.ac.retnorm.hi.clone()
     torch.manual_seed(3)
-    losses, metrics = agent.imagine_and_act(post, None, batch["is_terminal"])
+    losses, metrics = agent.ac.loss(agent.wm, post, None, batch["is_terminal"])
     torch.manual_seed(3)
     actor, critic, scale = _reference_imagination(agent, post, batch["is_terminal"], lo, hi)
     assert float(scale) > 20 and float(metrics["ac/return_scale"]) == pytest.approx(float(scale), rel=1e-5)
     torch.testing.assert_close(losses["actor"], actor, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(losses["critic"], critic, rtol=1e-4, atol=1e-5)
     assert (actor[:, 2] == 0).all() and (actor[:, 2 * 6 + 5] == 0).all()
-    params = list(agent.actor.parameters())
+    params = list(agent.ac.actor.parameters())
     ours = torch.autograd.grad(losses["actor"].mean(), params, retain_graph=True)
     ref = torch.autograd.grad(actor.mean(), params)
     for g, r in zip(ours, ref):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-7)
     # the actor's gradient comes through the frozen dynamics and heads, and only the actor receives it
-    assert all(p.grad is None for p in agent.world_model.parameters()) and all(p.grad is None for p in agent.critic.parameters())
-    entropy_only = torch.autograd.grad((-3e-4 * torch.stack([agent.actor(torch.zeros(1, agent.rssm.feat_size)).entropy().sum()])).sum(), params)
+    assert all(p.grad is None for p in agent.wm.parameters()) and all(p.grad is None for p in agent.ac.critic.parameters())
+    entropy_only = torch.autograd.grad((-3e-4 * torch.stack([agent.ac.actor(torch.zeros(1, agent.wm.rssm.feat_size)).entropy().sum()])).sum(), params)
     assert sum((g - e).abs().sum() for g, e in zip(ours, entropy_only)) > 0
 
 
 def test_imagined_actions_are_scaled_into_the_action_range_keeping_their_gradient():
     a = torch.tensor([-4.2, -1.0, -0.3, 0.0, 0.7, 1.0, 2.5], requires_grad=True)
-    clipped = dali.clip_action(a)
+    clipped = actor_critic.clip_action(a)
     torch.testing.assert_close(clipped, torch.tensor([-1.0, -1.0, -0.3, 0.0, 0.7, 1.0, 1.0]))
     (grad,) = torch.autograd.grad(clipped.sum(), a)
     torch.testing.assert_close(grad, 1 / torch.clamp(a.detach().abs(), min=1))  # sg(1 / max(1, |a|)): scaled, not zero
@@ -750,9 +753,9 @@ def test_slow_critic_is_an_exponential_moving_average_of_the_critic():
     torch.manual_seed(0)
     agent = _agent()
     _randomise_heads(agent)
-    slow = [p.detach().clone() for p in agent.slow_critic.parameters()]
+    slow = [p.detach().clone() for p in agent.ac.slow_critic.parameters()]
     agent.update(_batch())
-    for s, new, fast in zip(slow, agent.slow_critic.parameters(), agent.critic.parameters()):
+    for s, new, fast in zip(slow, agent.ac.slow_critic.parameters(), agent.ac.critic.parameters()):
         torch.testing.assert_close(new, s + 0.02 * (fast.detach() - s))
 
 
@@ -771,8 +774,8 @@ def test_deep_prior_never_sees_the_observation_it_predicts():
         torch.manual_seed(1)
         ctx, seq_ctx, _ = agent.context(b)
         trimmed = {k: v[:, P:] for k, v in b.items()}
-        embed = agent.encoder(trimmed["obs"])
-        post, prior = agent.rssm.observe(embed, trimmed["action"], trimmed["is_first"], ctx_seq=seq_ctx)
+        embed = agent.wm.encoder(trimmed["obs"])
+        post, prior = agent.wm.rssm.observe(embed, trimmed["action"], trimmed["is_first"], ctx_seq=seq_ctx)
         return prior["logits"], post["logits"]
 
     (prior_a, post_a), (prior_b, post_b) = prior_post(batch), prior_post(changed)
@@ -789,8 +792,35 @@ def test_deep_prior_never_sees_the_observation_it_predicts():
     torch.testing.assert_close(deters[0], deters[1])
 
 
+def test_deep_sequence_context_at_the_first_training_step_pools_the_full_window_of_acting():
+    """DALI-D's sequence model reads ctx_{t-1} on its step into h_t. At the first training step of a replayed
+    batch that ctx must pool the same K transitions as the acting window did one step earlier, not K - 1 cut
+    off at the segment start: a deep learned batch holds K + 1 history records (shallow: K, it reads no
+    ctx_{t-1}). The batch is a segment of one long episode, so every window is full."""
+    torch.manual_seed(0)
+    K, T, s = 4, 5, 3  # s: the segment starts mid-episode
+    agent = _agent("learned", "deep", ctx_window=K)
+    assert _agent("learned", "shallow", ctx_window=K).context_prefix == K
+    P = agent.context_prefix
+    with torch.no_grad():  # untrained but not degenerate: position biases and output layer away from init
+        agent.ctx_encoder.position.normal_()
+        agent.ctx_encoder.out[-1].weight.normal_()
+    episode = _batch(B=2, T=s + P + T)  # is_first only at record 0
+    batch = {k: v[:, s : s + P + T] for k, v in episode.items()}
+    _, seq_ctx, pieces = agent.context(batch)
+    window = context_encoder.ContextWindow(agent.ctx_encoder, 2, "cpu")
+    for t in range(s + P):  # act up to the record before the first training step, s + P
+        acted = window.update(episode["obs"][:, t], episode["action"][:, t], episode["is_first"][:, t])
+    assert (window.valid.sum(-1) == K).all()
+    torch.testing.assert_close(seq_ctx[:, 0], acted, rtol=1e-5, atol=1e-5)
+    # its window in training: the valid tokens j (= (o_j, a_j, o_{j+1})) with P - 1 - K <= j <= P - 2
+    j = torch.arange(P - 1)
+    assert ((pieces["valid"][:, : P - 1] & (j >= P - 1 - K)).sum(-1) == K).all()
+    agent.update(batch)  # and the update takes the longer batch
+
+
 def test_imagination_from_a_posterior_state_repeats_the_training_step():
-    """Imagining from s_t with ctx_t held (dali.imagine_and_act) is the computation observe did for h_{t+1}."""
+    """Imagining from s_t with ctx_t held (ActorCritic.loss, WorldModel.imagine) is the computation observe did for h_{t+1}."""
     torch.manual_seed(0)
     for context, integration in [("learned", "deep"), ("oracle", "deep"), ("learned", "shallow")]:
         agent = _agent(context, integration)
@@ -798,13 +828,13 @@ def test_imagination_from_a_posterior_state_repeats_the_training_step():
         batch = _batch(T=8 + P)
         ctx, seq_ctx, _ = agent.context(batch)
         trimmed = {k: v[:, P:] for k, v in batch.items()}
-        embed = agent.encoder(trimmed["obs"], ctx if agent.ctx_enc else None)
-        post, _ = agent.rssm.observe(embed, trimmed["action"], trimmed["is_first"], ctx_seq=seq_ctx if agent.ctx_deep else None,
+        embed = agent.wm.encoder(trimmed["obs"], ctx if agent.ctx_enc else None)
+        post, _ = agent.wm.rssm.observe(embed, trimmed["action"], trimmed["is_first"], ctx_seq=seq_ctx if agent.ctx_deep else None,
                                      ctx_post=ctx if agent.ctx_post else None)  # fmt: skip
         for t in range(7):
             state = {k: post[k][:, t] for k in ("deter", "stoch")}
-            step_ctx = ctx[:, t] if agent.ctx_deep else None  # what imagine_and_act holds fixed from the start
-            imagined = agent.rssm.img_step(state, trimmed["action"][:, t + 1], step_ctx)
+            step_ctx = ctx[:, t] if agent.ctx_deep else None  # what WorldModel.imagine holds fixed from the start
+            imagined = agent.wm.rssm.img_step(state, trimmed["action"][:, t + 1], step_ctx)
             torch.testing.assert_close(imagined["deter"], post["deter"][:, t + 1], msg=f"{context} {integration} t={t}")
 
 
@@ -835,12 +865,12 @@ def test_cross_modal_loss_trains_the_encoder_towards_the_detached_model_state():
     agent = dali.Agent(cfg, TINY_RSSM, spaces, ctx_cfg)
     batch = _batch(T=8 + agent.context_prefix)
     ctx, _, pieces = agent.context(batch)
-    _, post = agent.world_model_loss({k: v[:, agent.context_prefix :] for k, v in batch.items()}, ctx)
-    state = agent.rssm.feat(post)
+    _, post = agent.wm.loss({k: v[:, agent.context_prefix :] for k, v in batch.items()}, ctx)
+    state = agent.wm.rssm.feat(post)
     assert state.shape[-1] == agent.cross.ctx_to_state.out_features == TINY_RSSM.deter + TINY_RSSM.stoch * TINY_RSSM.classes
     cross = context_encoder.cross_modal_loss(agent.cross, pieces["ctx"][:, agent.context_prefix :], state).mean()
     g_params = list(agent.ctx_encoder.parameters())
-    grads = torch.autograd.grad(cross, g_params + list(agent.world_model.parameters()), allow_unused=True, retain_graph=True)
+    grads = torch.autograd.grad(cross, g_params + list(agent.wm.parameters()), allow_unused=True, retain_graph=True)
     assert sum(float(g.abs().sum()) for g in grads[: len(g_params)] if g is not None) > 0
     assert all(g is None for g in grads[len(g_params) :])
     first = [float(agent.update(batch)["ctx/cross_loss"]) for _ in range(30)]
@@ -963,7 +993,7 @@ def test_evaluation_starts_every_episode_from_a_fresh_agent_state():
     def spy(obs, state, sample=True, context=None):
         latent, prev_action, window = state
         if obs["is_first"].any():
-            fresh = agent.rssm.initial(len(prev_action))
+            fresh = agent.wm.rssm.initial(len(prev_action))
             seen.append(all(torch.equal(latent[k][obs["is_first"]], fresh[k][obs["is_first"]]) for k in ("deter", "stoch"))
                         and not prev_action[obs["is_first"]].any() and not window.valid[obs["is_first"]].any()
                         and window.ctx is None)  # fmt: skip
@@ -1097,6 +1127,40 @@ def test_resume_reproduces_uninterrupted_training(tmp_path):
         assert np.array_equal(v, b["replay"]["data"][k]), k
 
 
+def test_a_version_1_checkpoint_resumes_to_the_exact_state_the_old_code_reached(tmp_path):
+    """fixtures/dali_s_v1.pt is a DALI-S checkpoint written by the code before the world model and the
+    actor-critic became classes of their own (commit 44a2cd4, checkpoint version 1). It loads (keys
+    migrated; optimiser states keyed by parameter index, whose order is unchanged) and, resumed for 80
+    updates, ends in exactly the state the old code reached: every tensor of agent, optimisers, replay,
+    counters and random streams (fixtures/dali_s_v1_resumed.json, from benchmarks/bit_identity.py
+    --write-fixture)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures"
+    shutil.copy(fixtures / "dali_s_v1.pt", tmp_path / "ckpt.pt")
+    raw = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert raw["version"] == 1 and "world_model.0.net.0.0.weight" in raw["agent"] and "encoder.net.0.0.weight" in raw["agent"]
+    ckpt = checkpoint.load_checkpoint(tmp_path)
+    assert ckpt["version"] == checkpoint.CHECKPOINT_VERSION == 2
+    args, agent, _ = checkpoint.load_agent(tmp_path)  # load_state_dict is strict: every key maps, none is left over
+    assert args.agent.context == "learned" and args.agent.integration == "shallow"
+    for name, opt in agent.optimizers.items():
+        opt.load_state_dict(ckpt["optimizers"][name])
+        params = [p for group in opt.param_groups for p in group["params"]]
+        assert [opt.state[p]["exp_avg"].shape for p in params] == [p.shape for p in params], name
+    reference = json.loads((fixtures / "dali_s_v1_resumed.json").read_text())
+    train.main(train.cli(["--logdir", str(tmp_path), "--resume", "--steps", str(reference["steps"][1])]))
+    digest = checkpoint.state_digest(checkpoint.load_checkpoint(tmp_path))
+    assert digest.keys() == reference["digest"].keys()
+    assert digest["counters.updates"] == reference["digest"]["counters.updates"]
+    platform = (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    if platform != (reference["torch"], reference["cpu"]):
+        pytest.skip(f"the reference bits come from torch {reference['torch']} on {reference['cpu']}; this is {platform}")
+    assert [k for k in digest if digest[k] != reference["digest"][k]] == []
+
+
 def test_bad_checkpoints_and_flags_fail_clearly_and_keep_the_good_checkpoint(tmp_path):
     args = train.cli([*TINY_FLAGS, "--steps", "1000", "--logdir", str(tmp_path)])
     train.main(args)
@@ -1159,6 +1223,8 @@ def test_bad_flags_fail_before_anything_is_written(tmp_path):
     cases = [
         (["--threads", "-1"], "--threads -1: must be >= 0"),
         (["--prefill", "5000", "--steps", "4000"], "--prefill 5000 >= --steps 4000"),
+        # 29 // 2 envs = 14 records per env: T = 8 + K = 6 for DALI-S, but DALI-D samples K + 1 = 7 of history
+        (["--replay-capacity", "29", "--integration", "deep"], r"--replay-capacity 29: must hold --batch-length \+ 7 history records per env"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: this torch build or machine has no CUDA device"))
@@ -1362,8 +1428,8 @@ def test_only_the_forward_dynamics_loss_trains_the_encoder(integration):
     batch = _batch(T=8 + agent.context_prefix)
     ctx, seq_ctx, pieces = agent.context(batch)
     trimmed = {k: v[:, agent.context_prefix :] for k, v in batch.items()}
-    losses, post = agent.world_model_loss(trimmed, ctx, seq_ctx)
-    ac_losses, _ = agent.imagine_and_act(post, ctx, trimmed["is_terminal"])
+    losses, post = agent.wm.loss(trimmed, ctx, seq_ctx)
+    ac_losses, _ = agent.ac.loss(agent.wm, post, ctx, trimmed["is_terminal"])
     total = sum(v.mean() for v in losses.values()) + sum(v.mean() for v in ac_losses.values())
     total.backward()
     enc_grads = [p.grad for p in agent.ctx_encoder.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
@@ -1373,25 +1439,25 @@ def test_only_the_forward_dynamics_loss_trains_the_encoder(integration):
     fd = context_encoder.forward_dynamics_loss(agent.ctx_encoder, x[:, P:-1], x[:, P + 1 :], batch["action"][:, P + 1 :], pieces["ctx"][:, P:-1], pieces["valid"][:, P:])
     fd.mean().backward()
     assert agent.ctx_encoder.embed[0].weight.grad.abs().sum() > 0 and agent.ctx_encoder.attention.in_proj_weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in agent.world_model.parameters())
+    assert all(p.grad is None for p in agent.wm.parameters())
 
 
 def test_context_wiring_shallow_vs_deep():
     X, F = 8, rssm.RSSM(TINY_RSSM, 1, 2).feat_size
     shallow, deep = _agent("learned", "shallow"), _agent("learned", "deep")
     # DALI-S: ctx only into the posterior q(z | h, x, ctx)
-    assert shallow.rssm.ctx_post_size == X and shallow.rssm.ctx_seq_size == 0
-    assert shallow.actor.net[0][0].in_features == F and shallow.critic[0][0].in_features == F
-    assert shallow.reward_head[0][0].in_features == F and shallow.cont_head[0][0].in_features == F
+    assert shallow.wm.rssm.ctx_post_size == X and shallow.wm.rssm.ctx_seq_size == 0
+    assert shallow.ac.actor.net[0][0].in_features == F and shallow.ac.critic[0][0].in_features == F
+    assert shallow.wm.reward_head[0][0].in_features == F and shallow.wm.cont_head[0][0].in_features == F
     # DALI-D: sequence model, reward, continue, decoder, actor, critic
-    assert deep.rssm.ctx_seq_size == X and deep.rssm.ctx_post_size == 0
-    for head in (deep.actor.net, deep.critic, deep.reward_head, deep.cont_head, deep.decoder.net):
+    assert deep.wm.rssm.ctx_seq_size == X and deep.wm.rssm.ctx_post_size == 0
+    for head in (deep.ac.actor.net, deep.ac.critic, deep.wm.reward_head, deep.wm.cont_head, deep.wm.decoder.net):
         assert head[0][0].in_features == F + X
     # cRSSM-S: the true context into the encoder and back out of the decoder; Dreamer-DR: nowhere
     oracle = _agent("oracle", "shallow")
-    assert oracle.encoder.net[0][0].in_features == 8 + 2 and oracle.decoder.net[-1].out_features == 8 + 2
+    assert oracle.wm.encoder.net[0][0].in_features == 8 + 2 and oracle.wm.decoder.net[-1].out_features == 8 + 2
     none = _agent("none", "deep")
-    assert none.rssm.ctx_seq_size == none.rssm.ctx_post_size == 0 and none.actor.net[0][0].in_features == F
+    assert none.wm.rssm.ctx_seq_size == none.wm.rssm.ctx_post_size == 0 and none.ac.actor.net[0][0].in_features == F
 
 
 def _linear_probe_r2(x_train, y_train, x_test, y_test):

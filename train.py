@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import envs
 from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, plain_numpy_state, preset, resolve_device, save_checkpoint, saved_args
+from dali import context_prefix
 from rollout import episode_returns
 from replay import Replay
 
@@ -55,8 +56,10 @@ def check_args(args: Args) -> None:
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.train_ratio <= 0:
         problems.append(f"--train-ratio {args.train_ratio}: must be > 0")
-    if args.replay_capacity // args.envs < args.batch_length + args.ctx.window:
-        problems.append(f"--replay-capacity {args.replay_capacity}: must hold --batch-length + --ctx.window records per env")
+    prefix = context_prefix(args.agent, args.ctx)  # history records before the T training steps of a batch
+    if args.replay_capacity // args.envs < args.batch_length + prefix:
+        problems.append(f"--replay-capacity {args.replay_capacity}: must hold --batch-length + {prefix} history records per env "
+                        f"(--ctx.window, + 1 with --integration deep; 0 without a learned context)")  # fmt: skip
     if args.ctx.window < 1 or args.ctx.dim < 1:
         problems.append(f"--ctx.window {args.ctx.window}, --ctx.dim {args.ctx.dim}: both must be >= 1")
     if args.threads < 0:
@@ -287,7 +290,7 @@ def main(args: Args) -> dict:
         is_terminal = np.where(done, False, term)
         at_boundary = bool(done.all())
         # Train at the train ratio
-        length = agent.context_prefix + args.batch_length  # learned context: K records of history first
+        length = agent.context_prefix + args.batch_length  # learned context: P records of history first
         if c["env_steps"] >= args.prefill and replay.ready(length):
             policy_steps = (c["env_steps"] - args.prefill) // args.action_repeat
             while c["updates"] < policy_steps * updates_per_policy_step:

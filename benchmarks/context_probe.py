@@ -24,11 +24,11 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import dali  # noqa: E402
 import envs  # noqa: E402
 from probes import linear_r2  # noqa: E402
 from context_encoder import ContextEncoder, ContextEncoderConfig, forward_dynamics_loss  # noqa: E402
 from rssm import RSSMConfig  # noqa: E402
+from world_model import Spaces, WorldModel, WorldModelConfig  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,8 @@ def fd_gain(obs, actions, ctx_true, n_train, seconds):
 
 def train_world_model(obs, actions, n_train, probe_steps, seconds):
     """A context-unaware DreamerV3 world model (cpu preset) trained on the same data; returns h_t."""
-    spaces = dali.Spaces(action=actions.shape[-1], obs=obs.shape[-1], context=0)
-    agent = dali.Agent(dali.AgentConfig(context="none", hidden=128, layers=1), RSSMConfig(deter=256, hidden=128, classes=8), spaces)
+    spaces = Spaces(action=actions.shape[-1], obs=obs.shape[-1], context=0)
+    wm = WorldModel(WorldModelConfig(hidden=128, layers=1), RSSMConfig(deter=256, hidden=128, classes=8), spaces)
     S, T, start, its = obs.shape[1] - 1, 64, time.time(), 0
     while time.time() - start < seconds:
         idx = torch.randint(0, n_train, (16,))
@@ -138,14 +138,14 @@ def train_world_model(obs, actions, n_train, probe_steps, seconds):
         steps = first[:, None] + torch.arange(T)
         batch = {"obs": obs[idx[:, None], steps], "action": actions[idx[:, None], steps], "reward": torch.zeros(16, T),
                  "is_first": (steps == 0), "is_terminal": torch.zeros(16, T, dtype=torch.bool)}  # fmt: skip
-        losses, _ = agent.world_model_loss(batch, None)
-        loss = sum(agent.loss_scales[k] * v.mean() for k, v in losses.items() if k != "rew")
-        agent.model_opt.zero_grad(), loss.backward(), agent.model_opt.step()
+        losses, _ = wm.loss(batch)
+        loss = sum(wm.loss_scales[k] * v.mean() for k, v in losses.items() if k != "rew")
+        wm.opt.zero_grad(), loss.backward(), wm.opt.step()
         its += 1
     with torch.no_grad():
         is_first = torch.zeros(obs.shape[:2], dtype=torch.bool)
         is_first[:, 0] = True
-        post, _ = agent.rssm.observe(agent.encoder(obs), actions, is_first)
+        post, _ = wm.rssm.observe(wm.encoder(obs), actions, is_first)
     return post["deter"][:, list(probe_steps)], its
 
 

@@ -93,38 +93,39 @@ def phases(agent: Agent, batch: dict) -> dict[str, float]:
     full, b = batch, {k: v[:, agent.context_prefix :] for k, v in batch.items()}
     t0 = clock()
     obs = b["image"] if agent.spaces.image is not None else b["obs"]
-    embed = agent.encoder(obs, ctx if agent.ctx_enc else None)
+    wm, ac = agent.wm, agent.ac
+    embed = wm.encoder(obs, ctx if agent.ctx_enc else None)
     t["encoder fwd"] = clock() - t0
     t0 = clock()
     with torch.no_grad():  # the observe loop alone (timed apart, then the loss runs it again)
-        agent.rssm.observe(embed, b["action"], b["is_first"], ctx_seq=seq_ctx if agent.ctx_deep else None, ctx_post=ctx if agent.ctx_post else None)
+        wm.rssm.observe(embed, b["action"], b["is_first"], ctx_seq=seq_ctx if agent.ctx_deep else None, ctx_post=ctx if agent.ctx_post else None)
     t["observe fwd (no grad)"] = clock() - t0
     t0 = clock()
-    losses, post = agent.world_model_loss(b, ctx, seq_ctx)
-    loss = sum(agent.loss_scales[k] * v.mean() for k, v in losses.items())
+    losses, post = wm.loss(b, ctx, seq_ctx)
+    loss = sum(wm.loss_scales[k] * v.mean() for k, v in losses.items())
     t["world model fwd"] = clock() - t0
     t0 = clock()
-    agent.model_opt.zero_grad(set_to_none=True)
+    wm.opt.zero_grad(set_to_none=True)
     loss.backward()
     t["world model bwd"] = clock() - t0
     t0 = clock()
-    torch.nn.utils.clip_grad_norm_(agent.world_model.parameters(), agent.cfg.model_clip)
-    agent.model_opt.step()
+    torch.nn.utils.clip_grad_norm_(wm.parameters(), agent.cfg.model_clip)
+    wm.opt.step()
     t["world model opt"] = clock() - t0
     if pieces:
         t0 = clock()
-        agent.update_context_encoder(full, pieces, post["stoch"])
+        agent.update_context_encoder(full, pieces, wm.rssm.feat(post))
         t["context encoder fwd+bwd+opt"] = clock() - t0
     t0 = clock()
-    ac, _ = agent.imagine_and_act(post, ctx, b["is_terminal"])
+    ac_losses, _ = ac.loss(wm, post, ctx, b["is_terminal"])
     t["imagination + actor-critic fwd"] = clock() - t0
     t0 = clock()
-    agent.actor_opt.zero_grad(set_to_none=True)
-    agent.critic_opt.zero_grad(set_to_none=True)
-    (ac["actor"].mean() + ac["critic"].mean()).backward()
+    ac.actor_opt.zero_grad(set_to_none=True)
+    ac.critic_opt.zero_grad(set_to_none=True)
+    (ac_losses["actor"].mean() + ac_losses["critic"].mean()).backward()
     t["actor-critic bwd"] = clock() - t0
     t0 = clock()
-    for opt, module in ((agent.actor_opt, agent.actor), (agent.critic_opt, agent.critic)):
+    for opt, module in ((ac.actor_opt, ac.actor), (ac.critic_opt, ac.critic)):
         torch.nn.utils.clip_grad_norm_(module.parameters(), agent.cfg.ac_clip)
         opt.step()
     t["actor-critic opt"] = clock() - t0
