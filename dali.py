@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from actor_critic import ActorCritic, ActorCriticConfig
-from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, CrossModal, cross_modal_loss, forward_dynamics_loss
+from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, CrossModal, cross_modal_context_loss, forward_dynamics_loss
 from rssm import RSSMConfig
 from world_model import Spaces, WorldModel, WorldModelConfig
 
@@ -104,10 +104,12 @@ class Agent(nn.Module):
             self.ctx_encoder = ContextEncoder(ctx_cfg, token_obs, spaces.action, features=spaces.image is None)
             self.cross = CrossModal(ctx_cfg.dim, rssm_cfg.deter + rssm_cfg.stoch * rssm_cfg.classes) if ctx_cfg.cross_weight else None
 
-        self.wm = WorldModel(cfg, rssm_cfg, spaces, self.ctx_enc, self.ctx_post, self.ctx_deep, build_context_encoder if learned else None)
+        cross_scale = ctx_cfg.cross_weight if learned else 0.0  # L_cross's state term trains the world model
+        self.wm = WorldModel(cfg, rssm_cfg, spaces, self.ctx_enc, self.ctx_post, self.ctx_deep, build_context_encoder if learned else None, cross_scale)
         self.ac = ActorCritic(cfg, self.wm.feat_size, spaces.action)
-        if learned:
-            ctx_params = list(self.ctx_encoder.parameters()) + (list(self.cross.parameters()) if self.cross else [])
+        if learned:  # g, f and L_cross's V (its W is fixed)
+            cross_params = [p for p in self.cross.parameters() if p.requires_grad] if self.cross else []
+            ctx_params = list(self.ctx_encoder.parameters()) + cross_params
             self.ctx_opt = torch.optim.Adam(ctx_params, ctx_cfg.lr)
 
     @property
@@ -154,7 +156,7 @@ class Agent(nn.Module):
             embed = self.wm.encoder(batch["image"])  # (B, T, E)
         ctx, seq_ctx, pieces = self.context(full, embed)
         # World model
-        post, metrics = self.wm.update(batch, ctx, seq_ctx, embed)
+        post, metrics = self.wm.update(batch, ctx, seq_ctx, embed, self.cross if self.cfg.context == "learned" else None)
         # Context encoder: trained by L_FD (+ L_cross) alone
         if pieces:
             metrics.update(self.update_context_encoder(full, pieces, self.wm.rssm.feat(post)))
@@ -163,15 +165,16 @@ class Agent(nn.Module):
         return {k: v.detach() for k, v in metrics.items()}
 
     def update_context_encoder(self, batch: dict, pieces: dict, state: torch.Tensor) -> dict:
-        """DALI eq. 3: L_FD over the T training steps (each ctx_t with its full window), + lambda L_cross
-        towards the posterior model state [h_t; z_t] `state` (B, T, D + S*C)."""
+        """DALI eq. 3: L_FD over the T training steps (each ctx_t with its full window), + lambda times L_cross's
+        context term towards the posterior model state [h_t; z_t] `state` (B, T, D + S*C); its state term is a
+        world-model loss (`WorldModel.loss`)."""
         P, x, ctx = self.context_prefix, pieces["x"], pieces["ctx"]
         # step t predicts o_{t+1} from (o_t, a_t, ctx_t); a_t is stored with record t+1
         fd = forward_dynamics_loss(self.ctx_encoder, x[:, P:-1], x[:, P + 1 :], batch["action"][:, P + 1 :], ctx[:, P:-1], pieces["valid"][:, P:])
         loss = fd.sum() / pieces["valid"][:, P:].sum().clamp(min=1)
         metrics = {"ctx/fd_loss": loss.detach()}
         if self.cross is not None:
-            cross = cross_modal_loss(self.cross, ctx[:, P:], state).mean()
+            cross = cross_modal_context_loss(self.cross, ctx[:, P:], state).mean()
             loss = loss + self.ctx_cfg.cross_weight * cross
             metrics["ctx/cross_loss"] = cross.detach()
         self.ctx_opt.zero_grad(set_to_none=True)

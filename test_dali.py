@@ -855,30 +855,56 @@ def test_a_fresh_window_treats_its_first_step_as_an_episode_start():
     torch.testing.assert_close(ctx1, ref[:, 1], rtol=1e-5, atol=1e-5)
 
 
-def test_cross_modal_loss_trains_the_encoder_towards_the_detached_model_state():
-    """L_cross (DALI-chi, as in the release): W ctx_t regresses sg([h_t; z_t]); its gradient reaches g and W,
-    never the world model, and an agent's update with --ctx.cross-weight > 0 lowers it."""
+@pytest.mark.parametrize("integration", ["shallow", "deep"])
+def test_cross_modal_loss_has_two_terms_each_training_its_own_side(integration):
+    """L_cross (DALI-chi, the release's reconstruct_wm_state_loss): the state term ||[h_t; z_t] - sg(W ctx_t)||^2
+    reaches the world model (RSSM, encoder) and never g, W or V; the context term ||ctx_t - V sg([h_t; z_t])||^2
+    reaches g and V and never the world model or W. W is fixed; an agent's updates lower both terms."""
     torch.manual_seed(0)
     spaces = dali.Spaces(action=2, obs=8, context=2)
-    cfg = dali.AgentConfig(context="learned", integration="shallow", **TINY_AGENT)
+    cfg = dali.AgentConfig(context="learned", integration=integration, **TINY_AGENT)
     ctx_cfg = context_encoder.ContextEncoderConfig(window=4, units=16, heads=2, fd_units=16, cross_weight=1.0)
     agent = dali.Agent(cfg, TINY_RSSM, spaces, ctx_cfg)
+    assert agent.wm.loss_scales["cross"] == 1.0
     batch = _batch(T=8 + agent.context_prefix)
-    ctx, _, pieces = agent.context(batch)
-    _, post = agent.wm.loss({k: v[:, agent.context_prefix :] for k, v in batch.items()}, ctx)
+    P = agent.context_prefix
+    ctx, seq_ctx, pieces = agent.context(batch)
+    losses, post = agent.wm.loss({k: v[:, P:] for k, v in batch.items()}, ctx, seq_ctx, cross=agent.cross)
     state = agent.wm.rssm.feat(post)
     assert state.shape[-1] == agent.cross.ctx_to_state.out_features == TINY_RSSM.deter + TINY_RSSM.stoch * TINY_RSSM.classes
-    cross = context_encoder.cross_modal_loss(agent.cross, pieces["ctx"][:, agent.context_prefix :], state).mean()
-    g_params = list(agent.ctx_encoder.parameters())
-    grads = torch.autograd.grad(cross, g_params + list(agent.wm.parameters()), allow_unused=True, retain_graph=True)
-    assert sum(float(g.abs().sum()) for g in grads[: len(g_params)] if g is not None) > 0
-    assert all(g is None for g in grads[len(g_params) :])
-    first = [float(agent.update(batch)["ctx/cross_loss"]) for _ in range(30)]
-    assert first[-1] < 0.7 * first[0]
+    groups = {
+        "g": list(agent.ctx_encoder.parameters()),
+        "W": list(agent.cross.ctx_to_state.parameters()),
+        "V": list(agent.cross.state_to_ctx.parameters()),
+        "rssm": list(agent.wm.rssm.parameters()),
+        "encoder": list(agent.wm.encoder.parameters()),
+        "heads": [p for m in (agent.wm.decoder, agent.wm.reward_head, agent.ac) for p in m.parameters() if p.requires_grad],
+    }
+    assert not any(p.requires_grad for p in groups["W"])  # W: a fixed random projection, as in the release
+    for p in groups["W"]:
+        p.requires_grad_(True)  # only to prove that no gradient path reaches it
+
+    def reached(loss) -> set[str]:
+        params = [p for ps in groups.values() for p in ps]
+        grads = iter(torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True))
+        return {name for name, ps in groups.items() if sum(float(g.abs().sum()) for g in (next(grads) for _ in ps) if g is not None) > 0}
+
+    state_term = losses["cross"].mean()
+    context_term = context_encoder.cross_modal_context_loss(agent.cross, pieces["ctx"][:, P:], state).mean()
+    assert reached(state_term) == {"rssm", "encoder"}
+    assert reached(context_term) == {"g", "V"}
+    for p in groups["W"]:
+        p.requires_grad_(False)
+    W = [p.clone() for p in groups["W"]]
+    metrics = [agent.update(batch) for _ in range(40)]
+    assert all(torch.equal(a, b) for a, b in zip(W, groups["W"]))
+    for key in ("ctx/cross_loss", "wm/cross"):
+        assert float(metrics[-1][key]) < 0.7 * float(metrics[0][key]), key
 
 
 def test_train_cli_with_cross_modal_loss_trains_the_encoder(tmp_path):
-    """--ctx.cross-weight > 0 for real: a train.py run logs L_cross, and g and W end where they did not start."""
+    """--ctx.cross-weight > 0 for real: a train.py run logs both L_cross terms; g and V end where they did not
+    start, W where it did."""
     import json
 
     flags = [*TINY_FLAGS, "--steps", "2000", "--contexts", "single_0", "--ctx.cross-weight", "0.5", "--logdir", str(tmp_path)]
@@ -887,10 +913,11 @@ def test_train_cli_with_cross_modal_loss_trains_the_encoder(tmp_path):
     init = checkpoint.build_agent(args, envs.make_env(args.task)).state_dict()  # the run's initial weights (same seed)
     train.main(args)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert any(np.isfinite(row.get("ctx/cross_loss", np.nan)) for row in rows)
+    assert any(np.isfinite(row.get("ctx/cross_loss", np.nan)) for row in rows) and any(np.isfinite(row.get("wm/cross", np.nan)) for row in rows)
     trained = checkpoint.load_checkpoint(tmp_path)["agent"]
-    for name in ("cross.ctx_to_state.weight", "ctx_encoder.attention.in_proj_weight", "ctx_encoder.embed.0.weight"):
+    for name in ("cross.state_to_ctx.weight", "ctx_encoder.attention.in_proj_weight", "ctx_encoder.embed.0.weight"):
         assert not torch.equal(trained[name], init[name]), name
+    assert torch.equal(trained["cross.ctx_to_state.weight"], init["cross.ctx_to_state.weight"])
 
 
 def _synthetic_batch(B, L, seed):

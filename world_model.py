@@ -17,6 +17,8 @@ the caller (dali.py's Agent) through three sizes: `ctx_enc` (cRSSM-S: the true c
 input and the decoder reconstructs it), `ctx_post` (DALI-S: ctx_t joins the posterior's input) and
 `ctx_deep` (DALI-D, cRSSM-D: ctx_{t-1} joins the sequence model's input, and ctx_t is appended to s_t, so
 that decoder, heads, actor and critic read it). A context-unaware world model (Dreamer-DR) takes none.
+With DALI-chi (`cross_scale` > 0) the loss gains L_cross's state term, which pulls [h_t; z_t] towards a
+fixed linear image of the stop-gradiented ctx_t (context_encoder.cross_modal_state_loss).
 
 Data convention (one for replay, training and acting): record t holds o_t, the action a_{t-1} that led to
 it (zeros when is_first), the reward r_t received on arriving at o_t, is_first_t and is_terminal_t. The
@@ -35,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from context_encoder import CrossModal, cross_modal_state_loss
 from layers import linear, mlp, symlog, trunc_normal_, twohot_loss, twohot_mean
 from rssm import RSSM, RSSMConfig, kl_loss
 
@@ -148,10 +151,11 @@ class WorldModel(nn.Module):
     eq. 4-5 on a replayed batch, `update` one gradient step, `imagine` a rollout of the prior."""
 
     def __init__(self, cfg: WorldModelConfig, rssm_cfg: RSSMConfig, spaces: Spaces, ctx_enc: int = 0, ctx_post: int = 0,
-                 ctx_deep: int = 0, after_rssm: Callable[[WorldModel], None] | None = None):  # fmt: skip
+                 ctx_deep: int = 0, after_rssm: Callable[[WorldModel], None] | None = None, cross_scale: float = 0.0):  # fmt: skip
         """ctx_enc, ctx_post, ctx_deep: sizes of the ctx inputs (module docstring), 0 where there is none.
         `after_rssm(self)` runs once the encoder and RSSM exist, before the decoder and heads are built:
-        dali.Agent builds its context encoder there, so that a seed keeps drawing the same initial weights."""
+        dali.Agent builds its context encoder there, so that a seed keeps drawing the same initial weights.
+        cross_scale: weight of L_cross's state term (DALI-chi; context_encoder.cross_modal_state_loss), 0: none."""
         super().__init__()
         self.cfg, self.spaces = cfg, spaces
         self.ctx_enc, self.ctx_post, self.ctx_deep = ctx_enc, ctx_post, ctx_deep
@@ -165,6 +169,8 @@ class WorldModel(nn.Module):
         self.cont_head = mlp(self.feat_size, cfg.hidden, cfg.layers, 1)
         self.register_buffer("bins", torch.linspace(-20, 20, 255))  # symlog two-hot bins of the reward head
         self.loss_scales = {"dec": 1.0, "rew": 1.0, "cont": 1.0, "dyn": cfg.dyn_scale, "rep": cfg.rep_scale}
+        if cross_scale:
+            self.loss_scales["cross"] = cross_scale
         self.opt = torch.optim.Adam(self.parameters(), cfg.model_lr, eps=cfg.model_eps)
 
     def feat(self, state: dict, ctx: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,11 +180,11 @@ class WorldModel(nn.Module):
         return torch.cat([feat, ctx], -1) if self.ctx_deep else feat
 
     def loss(self, batch: dict, ctx: torch.Tensor | None = None, seq_ctx: torch.Tensor | None = None,
-             embed: torch.Tensor | None = None) -> tuple[dict, dict]:  # fmt: skip
+             embed: torch.Tensor | None = None, cross: CrossModal | None = None) -> tuple[dict, dict]:  # fmt: skip
         """DreamerV3 eq. 4-5 on a replayed batch of (B, T) records. Returns the per-(B, T) losses, keyed as
         `loss_scales`, and the posterior. ctx (B, T, X): ctx_t, read by encoder, posterior and heads as this
         model was built to; seq_ctx (B, T, X): the sequence model's (dali.sequence_context); `embed` (B, T, E):
-        the encoder's output for this batch, if already computed."""
+        the encoder's output for this batch, if already computed; `cross`: L_cross's maps, for its state term."""
         obs = batch["image"] if self.spaces.image is not None else batch["obs"]
         embed = self.encoder(obs, ctx if self.ctx_enc else None) if embed is None else embed  # (B, T, E)
         seq_ctx = seq_ctx if self.ctx_deep else None
@@ -195,13 +201,15 @@ class WorldModel(nn.Module):
             "dyn": dyn,
             "rep": rep,
         }
+        if "cross" in self.loss_scales:  # DALI-chi: [h_t; z_t] towards sg(W ctx_t)
+            losses["cross"] = cross_modal_state_loss(cross, ctx, self.rssm.feat(post))
         return losses, post
 
     def update(self, batch: dict, ctx: torch.Tensor | None = None, seq_ctx: torch.Tensor | None = None,
-               embed: torch.Tensor | None = None) -> tuple[dict, dict]:  # fmt: skip
+               embed: torch.Tensor | None = None, cross: CrossModal | None = None) -> tuple[dict, dict]:  # fmt: skip
         """One gradient step on the weighted sum of `loss`. Returns the posterior (the imagination starts) and
         detached metrics."""
-        losses, post = self.loss(batch, ctx, seq_ctx, embed)
+        losses, post = self.loss(batch, ctx, seq_ctx, embed, cross)
         assert losses.keys() == self.loss_scales.keys(), (losses.keys(), self.loss_scales.keys())
         for k, v in losses.items():
             assert v.shape == batch["reward"].shape, (k, v.shape)

@@ -46,7 +46,9 @@ ERRORS = [
     ("context_encoder.py", "        band = (offset >= 0) & (offset < K)  # (L, L)", "        band = (offset >= -1) & (offset < K)  # (L, L)", "context window sees the next token (off by one)"),
     ("context_encoder.py", "        band = (offset >= 0) & (offset < K)  # (L, L)", "        band = (offset >= 0) & (offset <= K)  # (L, L)", "context window one token too long"),
     ("context_encoder.py", "            self.prev_obs, is_first = obs, torch.ones_like(is_first)", "            self.prev_obs = obs", "fabricated token at the prefill handover"),
-    ("context_encoder.py", "    return ((cross.ctx_to_state(ctx) - state.detach()) ** 2).mean(-1)", "    return ((cross.ctx_to_state(ctx) - state) ** 2).mean(-1)", "L_cross trains the world model"),
+    ("context_encoder.py", "    return ((ctx - cross.state_to_ctx(state.detach())) ** 2).mean(-1)", "    return ((ctx - cross.state_to_ctx(state)) ** 2).mean(-1)", "L_cross's context term trains the world model"),
+    ("context_encoder.py", "    return ((state - cross.ctx_to_state(ctx.detach()).detach()) ** 2).mean(-1)", "    return ((state.detach() - cross.ctx_to_state(ctx.detach()).detach()) ** 2).mean(-1)", "L_cross's state term never trains the world model"),
+    ("dali.py", "        cross_scale = ctx_cfg.cross_weight if learned else 0.0", "        cross_scale = 0.0", "L_cross's state term left out of the world model's loss"),
     ("rssm.py", "    dyn = kl(post_logits.detach(), prior_logits)", "    dyn = kl(post_logits, prior_logits)", "dynamics KL without its stop-gradient"),
     ("rssm.py", "    return torch.clamp(dyn, min=free), torch.clamp(rep, min=free)", "    return dyn, torch.clamp(rep, min=free)", "free bits dropped from the dynamics KL"),
 ]
