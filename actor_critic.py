@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from layers import mlp, twohot_loss, twohot_mean
+from layers import mlp, require_finite, twohot_loss, twohot_mean
 from world_model import WorldModel
 
 
@@ -199,6 +199,7 @@ class ActorCritic(nn.Module):
     def update(self, wm: WorldModel, post: dict, ctx: torch.Tensor | None, is_terminal: torch.Tensor) -> dict:
         """One gradient step of actor and critic (`loss`), then the slow critic's EMA step. Detached metrics."""
         losses, metrics = self.loss(wm, post, ctx, is_terminal)
+        require_finite({f"ac/{k}_loss": v.mean() for k, v in losses.items()})
         self.actor_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         (losses["actor"].mean() + losses["critic"].mean()).backward()  # disjoint parameters

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from actor_critic import ActorCritic, ActorCriticConfig
 from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, CrossModal, cross_modal_context_loss, forward_dynamics_loss
+from layers import require_finite
 from rssm import RSSMConfig
 from world_model import Spaces, WorldModel, WorldModelConfig
 
@@ -177,6 +178,7 @@ class Agent(nn.Module):
             cross = cross_modal_context_loss(self.cross, ctx[:, P:], state).mean()
             loss = loss + self.ctx_cfg.cross_weight * cross
             metrics["ctx/cross_loss"] = cross.detach()
+        require_finite({"ctx/fd_loss": metrics["ctx/fd_loss"], **({"ctx/cross_loss": metrics["ctx/cross_loss"]} if self.cross is not None else {})})
         self.ctx_opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.ctx_opt.param_groups for p in g["params"]]

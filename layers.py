@@ -1,7 +1,8 @@
 """DreamerV3's building blocks (Hafner et al., arXiv:2301.04104, Sec. 2 and App. B), shared by the RSSM, the
 world model, the actor-critic and the context encoder: the symlog transform, the symlog two-hot
 distribution of the reward head and the critic (eq. 9-10), the truncated-normal initialiser, the Dense
-block (Linear -> LayerNorm -> SiLU), output layers and MLPs made of them.
+block (Linear -> LayerNorm -> SiLU), output layers and MLPs made of them; and the guard that keeps a
+non-finite loss from reaching an optimiser.
 
 Shapes: K two-hot bins."""
 
@@ -80,3 +81,10 @@ def mlp(inp: int, hidden: int, layers: int, out: int | None = None, zero_out: bo
     if out is not None:
         mods.append(linear(hidden if layers else inp, out, zero=zero_out))
     return nn.Sequential(*mods)
+
+
+def require_finite(losses: dict[str, torch.Tensor]) -> None:
+    """Raise FloatingPointError naming every non-finite loss (scalars), before it is backpropagated: a NaN or
+    infinite loss would turn every weight it reaches into NaN. One host sync."""
+    if not bool(torch.isfinite(torch.stack([v.detach().float() for v in losses.values()])).all()):
+        raise FloatingPointError("non-finite " + ", ".join(f"{k} = {v.item()}" for k, v in losses.items() if not torch.isfinite(v)))

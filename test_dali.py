@@ -1211,6 +1211,25 @@ def test_bad_checkpoints_and_flags_fail_clearly_and_keep_the_good_checkpoint(tmp
         train.main(train.cli([*TINY_FLAGS, "--logdir", str(tmp_path), "--resume"]))
 
 
+def test_a_non_finite_loss_stops_the_run_naming_it_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Rewards turned NaN in the replayed batches after the first checkpoint make the reward loss NaN: the run
+    stops at that update with an error naming it and the loss, and the checkpoint on disk stays the good one."""
+    sample = train.Replay.sample
+
+    def poisoned(self, batch, length):
+        out = sample(self, batch, length)
+        if (tmp_path / "ckpt.pt").exists():
+            out["reward"] = np.full_like(out["reward"], np.nan)
+        return out
+
+    monkeypatch.setattr(train.Replay, "sample", poisoned)
+    with pytest.raises(SystemExit, match=r"non-finite wm/rew = nan.* at update \d+ \(env step 2\d00\); stopped before training on; the last good checkpoint"):
+        train.main(train.cli([*TINY_FLAGS, "--steps", "6000", "--logdir", str(tmp_path)]))
+    ckpt = checkpoint.load_checkpoint(tmp_path / "ckpt.pt")
+    assert ckpt["counters"]["env_steps"] == 2000 and ckpt["counters"]["updates"] > 0
+    assert all(torch.isfinite(v).all() for v in ckpt["agent"].values() if v.is_floating_point())
+
+
 def test_signals_still_stop_the_process_after_carl_import():
     """carl's import opens a pygame display; SDL must not swallow SIGTERM / SIGINT (schedulers, Ctrl-C)."""
     import signal

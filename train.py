@@ -38,6 +38,7 @@ from tqdm import tqdm
 import envs
 from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, plain_numpy_state, preset, resolve_device, save_checkpoint, saved_args
 from dali import context_prefix
+from layers import require_finite
 from rollout import episode_returns
 from replay import Replay
 
@@ -70,16 +71,17 @@ def check_args(args: Args) -> None:
         raise SystemExit("error: " + "\n       ".join(problems))
 
 
-def check_finite(metrics: dict[str, torch.Tensor], update: int, env_steps: int, ckpt_path: Path) -> None:
-    """Stop a run whose losses or gradient norms became NaN or infinite, naming the update and the metrics,
-    before training on silently. Nothing is saved: the last good checkpoint stays as it was. One host sync
-    per update (about 25 scalars)."""
-    values = torch.stack([v.float() for v in metrics.values()])
-    if bool(torch.isfinite(values).all()):
-        return
-    bad = ", ".join(f"{k} = {v.item()}" for k, v in metrics.items() if not torch.isfinite(v))
+def checked_update(agent, batch: dict, update: int, env_steps: int, ckpt_path: Path) -> dict[str, torch.Tensor]:
+    """agent.update, stopping the run with an error that names the update and the values when a loss (checked
+    before its backward pass: layers.require_finite) or a gradient norm becomes NaN or infinite, rather than
+    training on. Nothing is saved: the last good checkpoint stays as it was."""
     kept = f"the last good checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else "no checkpoint was saved yet"
-    raise SystemExit(f"error: non-finite values at update {update} (env step {env_steps}): {bad}; stopped before training on; {kept}")
+    try:
+        metrics = agent.update(batch)
+        require_finite(metrics)  # gradient norms and the rest (one host sync)
+    except FloatingPointError as e:
+        raise SystemExit(f"error: {e} at update {update} (env step {env_steps}); stopped before training on; {kept}") from None
+    return metrics
 
 
 def to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
@@ -295,9 +297,7 @@ def main(args: Args) -> dict:
             policy_steps = (c["env_steps"] - args.prefill) // args.action_repeat
             while c["updates"] < policy_steps * updates_per_policy_step:
                 batch = to_torch(replay.sample(args.batch_size, length), device)
-                metrics = agent.update(batch)
-                check_finite(metrics, c["updates"] + 1, c["env_steps"], ckpt_path)
-                logger.add(metrics)
+                logger.add(checked_update(agent, batch, c["updates"] + 1, c["env_steps"], ckpt_path))
                 c["updates"] += 1
         # Evaluate, log, checkpoint
         if args.eval_every and c["env_steps"] - c["last_eval"] >= args.eval_every and c["env_steps"] >= args.prefill:

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from context_encoder import CrossModal, cross_modal_state_loss
-from layers import linear, mlp, symlog, trunc_normal_, twohot_loss, twohot_mean
+from layers import linear, mlp, require_finite, symlog, trunc_normal_, twohot_loss, twohot_mean
 from rssm import RSSM, RSSMConfig, kl_loss
 
 
@@ -214,6 +214,7 @@ class WorldModel(nn.Module):
         for k, v in losses.items():
             assert v.shape == batch["reward"].shape, (k, v.shape)
         loss = sum(self.loss_scales[k] * v.mean() for k, v in losses.items())
+        require_finite({f"wm/{k}": v.mean() for k, v in losses.items()})
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = nn.utils.clip_grad_norm_(self.parameters(), self.cfg.model_clip)

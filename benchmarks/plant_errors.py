@@ -62,6 +62,7 @@ MACHINERY = [
     ("envs.py", "        if (action < self.action_low).any() or (action > self.action_high).any()", "        if False", "out-of-range actions pass silently", "gymnasium"),
     ("train.py", '"context": info["final_context_vector"][i]})', '"context": info["context_vector"][i]})', "an episode's last record gets the next episode's context", "replay_records"),
     ("evaluate.py", "        path.parent.mkdir(parents=True, exist_ok=True)", "        pass", "output folders not created", "grid_evaluation"),
+    ("world_model.py", "        require_finite({f\"wm/{k}\": v.mean() for k, v in losses.items()})\n", "", "a non-finite world-model loss is trained on", "non_finite"),
     ("rollout.py", "agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state, sample=sample, context=oracle)", "agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, getattr(agent, 'carried', state), sample=sample, context=oracle); agent.carried = state", "evaluation carries the agent state across batches", "fresh_agent_state"),
 ]
 
