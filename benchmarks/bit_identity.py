@@ -91,9 +91,16 @@ def resume(tree: Path, ckpt: Path, logdir: Path, steps: int) -> Path:
     return train(tree, logdir, ["--resume", "--steps", str(steps)])
 
 
+# Entries that newer checkpoints add and older ones lack: the acting state of a mid-episode checkpoint. They are
+# not compared (the old version has nothing to compare them with); everything both hold must be equal.
+ADDED = ("acting.",)
+
+
 def differences(a: Path, b: Path) -> tuple[int, list[str]]:
-    """Entries compared, and the paths of those that differ (or exist in one checkpoint only)."""
+    """Entries compared, and the paths of those that differ (or exist in one checkpoint only, but for `ADDED`
+    ones in the newer `b`)."""
     fa, fb = flat_state(load_checkpoint(a)), flat_state(load_checkpoint(b))
+    fb = {k: v for k, v in fb.items() if k in fa or not k.startswith(ADDED)}
     diff = sorted(fa.keys() ^ fb.keys())
     for k in fa.keys() & fb.keys():
         x, y = fa[k], fb[k]
