@@ -10,10 +10,10 @@ every step exactly as when acting (the window of the current episode's transitio
 
 A counterfactual replaces ctx by ctx + m sigma_d e_d: dimension d shifted by m standard deviations, sigma_d
 being the std of dimension d over many windows from many contexts. It is applied wherever the agent reads
-ctx: in the posterior while filtering the real prefix (both integrations) and, with deep integration, in
-the sequence model at every imagined step. The decoder of a deep agent also reads ctx; it decodes with the
-unshifted ctx (--decode-shifted to change that), so that what moves in a dream moved in the imagined
-dynamics. A shallow (DALI-S) agent reads ctx only in the posterior, so there the shift acts only through
+ctx: a shallow (DALI-S) agent's posterior while filtering the real prefix; a deep (DALI-D) agent's sequence
+model while filtering the prefix and at every imagined step (its posterior reads no ctx). The decoder of a
+deep agent also reads ctx; it decodes with the unshifted ctx (--decode-shifted to change that), so that
+what moves in a dream moved in the imagined dynamics. A shallow (DALI-S) agent reads ctx only in the posterior, so there the shift acts only through
 the filtered start state; the paper's counterfactual analysis uses the deep variant. Every rollout of a
 comparison uses the same random numbers, so m = 0 reproduces the unperturbed dream exactly. The measures
 themselves (probes, rank correlations with bootstrap CIs, real-env rollouts) are in probes.py.

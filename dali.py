@@ -53,7 +53,7 @@ class ContextConfig:
     context: ContextSource = "learned"
     """Where ctx comes from: learned (DALI), oracle (true context: cRSSM), none (Dreamer-DR)."""
     integration: Integration = "shallow"
-    """shallow: ctx into the posterior (or, oracle, the encoder); deep: ctx into every predictor too."""
+    """shallow: ctx into the posterior (or, oracle, the encoder); deep: sequence model, decoder, heads, actor, critic (not the posterior)."""
 
 
 # One flat config, so that flags stay short (--context, --hidden: the MLPs of both parts, --model-lr, ...);

@@ -11,7 +11,8 @@ DALI (arXiv:2508.20294, Sec. 4.2) conditions the RSSM on a context vector ctx in
 arguments so the caller decides the integration: `ctx_seq` joins [z_{t-1}, a_{t-1}] at the sequence model
 input (deep integration) and `ctx_post` joins [h_t, embed_t] at the posterior input (shallow integration).
 The sequence model's context must not see o_t (the prior predicts it): the caller passes ctx_{t-1} there
-(dali.sequence_context), and ctx_t to the posterior.
+(dali.sequence_context). With shallow integration the posterior reads ctx_t; with deep integration it
+reads none (as in the authors' configuration).
 
 Shapes: B batch, T time, H imagination horizon, S stoch groups, C classes, D deter, E embed, A action dims,
 X context dims.

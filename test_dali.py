@@ -741,6 +741,172 @@ def test_imagination_and_actor_critic_losses_equal_dreamerv3_written_out():
     assert sum((g - e).abs().sum() for g, e in zip(ours, entropy_only)) > 0
 
 
+def _record_calls(module, calls):
+    """Record (input, output) of every forward call of `module`, detached copies, in `calls`."""
+    return module.register_forward_hook(lambda m, args, out: calls.append((args[0].detach().clone(), out)))
+
+
+@pytest.mark.parametrize("case", ["features", "oracle_shallow", "pixels"])
+def test_head_targets_and_encoder_input_are_the_papers_at_the_same_step(case):
+    """Each world-model head is trained towards its own record's target (DreamerV3 eq. 4, 9-10), read back
+    from the loss's gradient at the head's output: decoder -> symlog(o_t) (features; cRSSM-S also the true
+    context c_t) or o_t / 255 - 0.5 (pixels), the MSE's gradient being 2 (pred - target); reward head ->
+    twohot(symlog(r_t)), the cross-entropy's gradient being softmax - target; continue head -> 1 -
+    is_terminal_t, the logistic loss's gradient being sigmoid - target. Each head reads s_t of the same step,
+    and the encoder's network reads symlog(o_t) (features) or o_t / 255 - 0.5 (pixels)."""
+    torch.manual_seed(0)
+    obs = "pixels" if case == "pixels" else "features"
+    agent = _agent("oracle" if case == "oracle_shallow" else "none", "shallow", obs)
+    batch = _batch(B=3, T=7, obs=obs)
+    g = torch.Generator().manual_seed(1)
+    batch["reward"] = torch.randn(3, 7, generator=g) * 8  # symlog, identity and symexp all differ here
+    batch["is_terminal"][0, 3] = batch["is_terminal"][2, 6] = True
+    if obs == "features":
+        batch["obs"] = batch["obs"] * 4
+    enc, dec, rew, cont = [], [], [], []
+    hooks = [_record_calls(agent.wm.encoder.net, enc), _record_calls(agent.wm.decoder.net, dec), _record_calls(agent.wm.reward_head, rew),
+             _record_calls(agent.wm.cont_head, cont)]  # fmt: skip
+    ctx, seq_ctx, _ = agent.context(batch)
+    losses, post = agent.wm.loss(batch, ctx, seq_ctx)
+    for h in hooks:
+        h.remove()
+    if obs == "features":
+        expected = layers.symlog(batch["obs"])
+        torch.testing.assert_close(enc[0][0], expected if case == "features" else torch.cat([expected, batch["context"]], -1))
+    else:
+        torch.testing.assert_close(enc[0][0].permute(0, 2, 3, 1).reshape(batch["image"].shape), batch["image"].float() / 255 - 0.5)
+    feat = agent.wm.rssm.feat(post)  # s_t = [h_t, z_t] (B, T, F)
+    for calls in (rew, cont) + ((dec,) if obs == "features" else ()):
+        assert len(calls) == 1
+        torch.testing.assert_close(calls[0][0], feat, rtol=0, atol=0)  # s_t, not s_{t+1}
+    # decoder
+    (grad,) = torch.autograd.grad(losses["dec"].sum(), dec[0][1], retain_graph=True)
+    target = dec[0][1] - grad / 2
+    if obs == "features":
+        torch.testing.assert_close(target[..., :8], layers.symlog(batch["obs"]), rtol=1e-5, atol=1e-5)
+        if case == "oracle_shallow":
+            torch.testing.assert_close(target[..., 8:], batch["context"], rtol=1e-5, atol=1e-5)
+        else:
+            assert target.shape[-1] == 8
+    else:
+        pixels = target.permute(0, 2, 3, 1).reshape(batch["image"].shape)  # (B*T, 3, 64, 64) -> (B, T, 64, 64, 3)
+        torch.testing.assert_close(pixels, batch["image"].float() / 255 - 0.5, rtol=1e-5, atol=1e-5)
+    # reward head
+    bins = torch.linspace(-20, 20, 255)
+    (grad,) = torch.autograd.grad(losses["rew"].sum(), rew[0][1], retain_graph=True)
+    target = torch.softmax(rew[0][1], -1) - grad  # (B, T, 255)
+    torch.testing.assert_close(target, layers.twohot(layers.symlog(batch["reward"]), bins), rtol=0, atol=1e-5)
+    torch.testing.assert_close(layers.symexp((target * bins).sum(-1)), batch["reward"], rtol=1e-4, atol=1e-4)
+    # continue head
+    (grad,) = torch.autograd.grad(losses["cont"].sum(), cont[0][1])
+    target = torch.sigmoid(cont[0][1].squeeze(-1)) - grad.squeeze(-1)
+    torch.testing.assert_close(target, 1.0 - batch["is_terminal"].float(), rtol=0, atol=1e-6)
+
+
+def test_actor_distribution_is_normal_tanh_mu_and_bounded_sigma():
+    """DreamerV3 App. B: pi(a | s) = Normal(tanh(mu), 0.9 sigmoid(x + 2) + 0.1), written out; the acting mode is
+    tanh(mu), and imagination's entropy is this Normal's."""
+    torch.manual_seed(0)
+    agent = _agent()
+    actor = agent.ac.actor
+    feat = torch.randn(5, agent.wm.feat_size)
+    raw = torch.tensor([[-3.0, 0.4, -10.0, 0.0], [0.5, -1.2, 10.0, -2.0], [2.0, 0.0, 1.5, -4.0]])  # [mu (A=2), x (A=2)]
+    for out in raw:
+        with torch.no_grad():
+            actor.net[-1].weight.zero_()
+            actor.net[-1].bias.copy_(out)
+        dist = actor(feat)
+        mu, x = out[:2].expand(5, 2), out[2:].expand(5, 2)
+        sigma = 0.9 * torch.sigmoid(x + 2.0) + 0.1
+        torch.testing.assert_close(dist.mean, torch.tanh(mu))
+        torch.testing.assert_close(dist.stddev, sigma)
+        torch.testing.assert_close(dist.entropy(), 0.5 * torch.log(2 * torch.pi * torch.e * sigma**2))
+        b = _batch(B=5, T=1)
+        action, _ = agent.act({"obs": b["obs"][:, 0], "is_first": b["is_first"][:, 0]}, agent.initial_state(5), sample=False)
+        torch.testing.assert_close(action, torch.tanh(mu))
+    assert float(0.9 * torch.sigmoid(torch.tensor(-1e3 + 2)) + 0.1) == pytest.approx(0.1)  # sigma's floor and ceiling
+    assert float(0.9 * torch.sigmoid(torch.tensor(1e3 + 2)) + 0.1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("context, integration", [("none", "shallow"), ("oracle", "shallow"), ("oracle", "deep"), ("learned", "shallow"), ("learned", "deep")])
+def test_same_inputs_in_training_and_imagination(context, integration):
+    """One real update, every input recorded. Training: encoder, posterior and sequence model read their
+    ctx (ctx_t, ctx_t, ctx_{t-1}; ctx_t at an episode start), and decoder, reward and continue heads read
+    s_t = [h_t, z_t (, ctx_t when deep)]. Imagination from s_t: the actor and critic read at the start
+    exactly the s_t the heads read in training; with deep integration, every imagined step's sequence model,
+    heads, actor and critic read ctx_t, held, which is also what the sequence model read in training on its
+    step out of s_t (ctx_{(t+1)-1}). Without deep integration nothing in imagination reads a ctx."""
+    torch.manual_seed(0)
+    agent = _agent(context, integration, ctx_window=3)
+    P, B, T, H = agent.context_prefix, 2, 6, agent.cfg.horizon
+    batch = _batch(B=B, T=P + T)
+    batch["is_first"][1, P + 3] = True  # an episode starts inside the training steps
+    per_episode = torch.rand(B, 3, 2) * 2 - 1  # the true context is constant within an episode
+    batch["context"] = per_episode[torch.arange(B)[:, None], batch["is_first"].cumsum(1)]
+    is_first = batch["is_first"][:, P:]
+    if context == "oracle":
+        all_ctx = batch["context"]
+    elif context == "learned":  # the weights of the update's start (with grad: no_grad takes attention's other kernel)
+        all_ctx = agent.ctx_encoder.segment(batch["obs"], batch["action"], batch["is_first"])[0].detach()
+    X = agent.ctx_deep
+    ctx = None if context == "none" else all_ctx[:, P:]  # ctx_t of the T training steps
+    wm, ac = agent.wm, agent.ac
+    calls = {name: [] for name in ("reward", "cont", "decoder", "actor", "critic", "img_in", "encoder_ctx", "observe")}
+    hooks = [_record_calls(module, calls[name]) for name, module in (("reward", wm.reward_head), ("cont", wm.cont_head), ("decoder", wm.decoder.net),
+             ("actor", ac.actor), ("critic", ac.critic), ("img_in", wm.rssm.img_in))]  # fmt: skip
+    hooks.append(wm.encoder.register_forward_hook(lambda m, args, out: calls["encoder_ctx"].append(args[1] if len(args) > 1 else None)))
+    observe = wm.rssm.observe
+
+    def observe_spy(*args, **kwargs):  # the sequence model's and the posterior's ctx inputs, and the posterior
+        calls["observe"].append((kwargs, observe(*args, **kwargs)))
+        return calls["observe"][-1][1]
+
+    wm.rssm.observe = observe_spy
+    try:
+        agent.update(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        del wm.rssm.observe
+    # Training
+    (kw, (post, _)), = calls["observe"]  # fmt: skip
+    feat = wm.rssm.feat(post).detach()  # [h_t, z_t] (B, T, D + S*C)
+    s_t = torch.cat([feat, ctx], -1) if X else feat  # what the heads read
+    for name in ("reward", "cont", "decoder"):
+        torch.testing.assert_close(calls[name][0][0], s_t, rtol=0, atol=0, msg=name)
+    assert (kw["ctx_post"] is not None) == (context == "learned" and integration == "shallow")
+    if kw["ctx_post"] is not None:
+        torch.testing.assert_close(kw["ctx_post"], ctx, rtol=0, atol=0)
+    encoder_ctx = calls["encoder_ctx"][0]
+    assert (encoder_ctx is not None) == (context == "oracle" and integration == "shallow")
+    if encoder_ctx is not None:
+        torch.testing.assert_close(encoder_ctx, ctx, rtol=0, atol=0)
+    if X:
+        # ctx_{t-1}; the oracle has no history records (its ctx_0 stands in: step 0 starts an episode)
+        previous = all_ctx[:, P - 1 : P + T - 1] if P else torch.cat([ctx[:, :1], ctx[:, :-1]], 1)
+        torch.testing.assert_close(kw["ctx_seq"], torch.where(is_first[..., None], ctx, previous), rtol=0, atol=0)
+    else:
+        assert kw["ctx_seq"] is None
+    # Imagination: N = B * T starts, n = b * T + t
+    starts = s_t.flatten(0, 1)  # (N, F)
+    actor_in, (value_in, _) = [c[0] for c in calls["actor"]], calls["critic"][0]
+    assert len(actor_in) == H + 1 and value_in.shape[:2] == (H + 1, B * T)
+    torch.testing.assert_close(actor_in[0], starts, rtol=0, atol=0)
+    torch.testing.assert_close(value_in[0], starts, rtol=0, atol=0)
+    img_in = [x for x, _ in calls["img_in"]]
+    assert len(img_in) == H and all(x.shape[-1] == feat.shape[-1] - wm.rssm.cfg.deter + 2 + X for x in img_in)
+    imagined = [calls["reward"][1][0], calls["cont"][1][0], value_in, *actor_in]  # (H or H+1, N, F) or (N, F)
+    assert all(x.shape[-1] == s_t.shape[-1] for x in imagined) and calls["reward"][1][0].shape[:2] == (H, B * T)
+    imagined += img_in  # (N, S*C + A + X)
+    if X:
+        held = ctx.flatten(0, 1)  # (N, X)
+        for x in imagined:
+            torch.testing.assert_close(x[..., -X:], held.expand_as(x[..., -X:]), rtol=0, atol=0)
+        # the step out of s_t: training's sequence model read ctx_{(t+1)-1} = ctx_t there (unless t+1 starts an episode)
+        follows = ~is_first[:, 1:]  # (B, T-1)
+        torch.testing.assert_close(img_in[0][..., -X:].view(B, T, X)[:, :-1][follows], kw["ctx_seq"][:, 1:][follows], rtol=0, atol=0)
+
+
 def test_imagined_actions_are_scaled_into_the_action_range_keeping_their_gradient():
     a = torch.tensor([-4.2, -1.0, -0.3, 0.0, 0.7, 1.0, 2.5], requires_grad=True)
     clipped = actor_critic.clip_action(a)

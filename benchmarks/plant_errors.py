@@ -6,6 +6,7 @@ runs). Each error is applied to a fresh copy of the repository, so the working t
     python benchmarks/plant_errors.py --only 1 5      # some errors
     python benchmarks/plant_errors.py --all-tests     # the whole suite per error (slow)
     python benchmarks/plant_errors.py --machinery     # errors in checkpoints, signals, logs, envs, evaluation
+    python benchmarks/plant_errors.py --only 25 --tests "head_targets"   # does one test catch an error?
 
 Prints one line per error: caught (by which test) or SURVIVED; exits 1 if any survived.
 """
@@ -51,6 +52,57 @@ ERRORS = [
     ("dali.py", "        cross_scale = ctx_cfg.cross_weight if learned else 0.0", "        cross_scale = 0.0", "L_cross's state term left out of the world model's loss"),
     ("rssm.py", "    dyn = kl(post_logits.detach(), prior_logits)", "    dyn = kl(post_logits, prior_logits)", "dynamics KL without its stop-gradient"),
     ("rssm.py", "    return torch.clamp(dyn, min=free), torch.clamp(rep, min=free)", "    return dyn, torch.clamp(rep, min=free)", "free bits dropped from the dynamics KL"),
+    # World-model targets and inputs, the actor's distribution, and what imagination feeds (added with the split)
+    ("world_model.py", "            target = symlog(obs) if ctx is None else torch.cat([symlog(obs), ctx], -1)",
+     "            target = torch.sign(obs) * torch.expm1(obs.abs()) if ctx is None else torch.cat([torch.sign(obs) * torch.expm1(obs.abs()), ctx], -1)",
+     "decoder target symexp(o_t) instead of symlog(o_t)"),
+    ("world_model.py", "            target = symlog(obs) if ctx is None else torch.cat([symlog(obs), ctx], -1)",
+     "            target = obs if ctx is None else torch.cat([obs, ctx], -1)", "decoder target o_t without symlog"),
+    ("world_model.py", "            target = symlog(obs) if ctx is None else torch.cat([symlog(obs), ctx], -1)",
+     "            target = symlog(obs.roll(-1, 1)) if ctx is None else torch.cat([symlog(obs.roll(-1, 1)), ctx], -1)", "decoder reconstructs o_{t+1}"),
+    ("world_model.py", "            target = symlog(obs) if ctx is None else torch.cat([symlog(obs), ctx], -1)",
+     "            target = symlog(obs) if ctx is None else torch.cat([symlog(obs), torch.zeros_like(ctx)], -1)", "cRSSM-S decoder does not reconstruct the true context"),
+    ("world_model.py", "        loss = ((pred - (obs.float() / 255 - 0.5)) ** 2).sum((-3, -2, -1))",
+     "        loss = ((pred - (obs.float() / 255)) ** 2).sum((-3, -2, -1))", "pixel decoder target o_t / 255 (no - 0.5)"),
+    ("world_model.py", "            x = obs.reshape(-1, *obs.shape[-3:]).permute(0, 3, 1, 2).float() / 255 - 0.5  # (N, 3, 64, 64)",
+     "            x = obs.reshape(-1, *obs.shape[-3:]).permute(0, 3, 1, 2).float() / 255  # (N, 3, 64, 64)", "pixel encoder input o_t / 255 (no - 0.5)"),
+    ("world_model.py", "        x = symlog(obs) if ctx is None else torch.cat([symlog(obs), ctx], -1)",
+     "        x = obs if ctx is None else torch.cat([obs, ctx], -1)", "feature encoder input without symlog"),
+    ("world_model.py", "            \"rew\": twohot_loss(self.reward_head(feat), batch[\"reward\"].float(), self.bins),",
+     "            \"rew\": twohot_loss(self.reward_head(feat), batch[\"reward\"].roll(-1, 1).float(), self.bins),", "reward target r_{t+1} instead of r_t"),
+    ("world_model.py", "            \"rew\": twohot_loss(self.reward_head(feat), batch[\"reward\"].float(), self.bins),",
+     "            \"rew\": twohot_loss(self.reward_head(feat.roll(-1, 1)), batch[\"reward\"].float(), self.bins),", "reward head reads the next state s_{t+1}"),
+    ("layers.py", "    return -(twohot(symlog(target), bins) * F.log_softmax(logits, -1)).sum(-1)",
+     "    return -(twohot(target, bins) * F.log_softmax(logits, -1)).sum(-1)", "two-hot targets (reward, critic) without symlog"),
+    ("world_model.py", "                self.cont_head(feat).squeeze(-1), 1.0 - batch[\"is_terminal\"].float(), reduction=\"none\"",
+     "                self.cont_head(feat).squeeze(-1), batch[\"is_terminal\"].float(), reduction=\"none\"", "continue target not inverted (is_terminal)"),
+    ("world_model.py", "                self.cont_head(feat).squeeze(-1), 1.0 - batch[\"is_terminal\"].float(), reduction=\"none\"",
+     "                self.cont_head(feat).squeeze(-1), 1.0 - batch[\"is_first\"].float(), reduction=\"none\"", "continue target 1 - is_first"),
+    ("world_model.py", "        feat = self.feat(post, ctx)  # (B, T, F)", "        feat = self.feat(post, seq_ctx)  # (B, T, F)", "deep heads read ctx_{t-1} in training"),
+    ("actor_critic.py", "0.9 * torch.sigmoid(raw_std + 2) + 0.1)", "torch.sigmoid(raw_std + 2) + 0.1)", "actor sigma: 0.9 scale dropped"),
+    ("actor_critic.py", "0.9 * torch.sigmoid(raw_std + 2) + 0.1)", "0.9 * torch.sigmoid(raw_std) + 0.1)", "actor sigma: + 2 shift dropped"),
+    ("actor_critic.py", "0.9 * torch.sigmoid(raw_std + 2) + 0.1)", "0.9 * torch.sigmoid(raw_std + 2) + 0.01)", "actor sigma floor 0.01 instead of 0.1"),
+    ("actor_critic.py", "        return torch.distributions.Normal(torch.tanh(mu), ", "        return torch.distributions.Normal(mu, ", "actor mean without tanh"),
+    ("world_model.py", "        feat = self.feat(states, None if ctx is None else ctx.expand(horizon + 1, -1, -1))  # (H+1, N, F)",
+     "        feat = self.feat(states, None if ctx is None else torch.zeros_like(ctx).expand(horizon + 1, -1, -1))  # (H+1, N, F)",
+     "imagination: heads and critic fed a zero ctx"),
+    ("world_model.py", "        states, _ = self.rssm.imagine(start, policy, horizon, ctx if self.ctx_deep else None)  # (H+1, N, ...)",
+     "        states, _ = self.rssm.imagine(start, policy, horizon, torch.zeros_like(ctx) if self.ctx_deep else None)  # (H+1, N, ...)",
+     "imagination: sequence model fed a zero ctx"),
+    ("actor_critic.py", "        start_ctx = None if ctx is None else ctx.flatten(0, 1)  # (N, X)",
+     "        start_ctx = None if ctx is None else ctx.roll(1, 1).flatten(0, 1)  # (N, X)", "imagination: ctx of the previous step (shifted) held"),
+    ("actor_critic.py", "            dist = self.actor(wm.feat(state, start_ctx).detach())",
+     "            dist = self.actor(wm.feat(state, start_ctx if start_ctx is None else torch.zeros_like(start_ctx)).detach())",
+     "imagination: actor fed a zero ctx"),
+    ("world_model.py", "        reward = twohot_mean(self.reward_head(feat[1:]), self.bins)  # (H, N)",
+     "        reward = twohot_mean(self.reward_head(feat[:-1]), self.bins)  # (H, N)", "imagined rewards read from s_0..s_{H-1}"),
+    ("actor_critic.py", "        slow = twohot_mean(self.slow_critic(feat), self.bins)", "        slow = twohot_mean(self.critic(feat), self.bins)",
+     "critic regularised towards itself, not the slow critic"),
+    ("actor_critic.py", "torch.tensor([0.05, 0.95], device=ret.device)", "torch.tensor([0.0, 1.0], device=ret.device)", "return scale from min-max, not 5-95 percentiles"),
+    ("dali.py", "    return ctx_cfg.window + (1 if cfg.integration == \"deep\" else 0)", "    return ctx_cfg.window",
+     "DALI-D batches hold K history records (sequence ctx of the first step pools K - 1)"),
+    ("dali.py", "        self.ctx_post = X if (learned and cfg.integration == \"shallow\") else 0  # DALI-S",
+     "        self.ctx_post = X if learned else 0  # DALI-S", "DALI-D posterior reads ctx_t too"),
 ]
 # Errors in the run machinery (checkpoints, signals, logs, envs, evaluation), each with the tests that guard it.
 MACHINERY = [
@@ -73,7 +125,8 @@ RECIPE_TESTS = (
     "papers_constants or prior_step or episode_start or loss_weights or return_normaliser or imagination or imagined_actions "
     "or slow_critic or deep_prior or fresh_window or cross_modal or hidden_dynamics or pixel_agent_trains or lambda_return "
     "or kl_free_bits or fast_observe or rssm_shapes or update_changes or context_is_causal or encode_last or acting_window "
-    "or only_the_forward_dynamics or context_unaware or checkpoint_round_trip"
+    "or only_the_forward_dynamics or context_unaware or checkpoint_round_trip or head_targets or actor_distribution "
+    "or first_training_step or version_1 or wiring"
 )
 
 
@@ -89,6 +142,8 @@ class Args:
     """Only list the errors."""
     machinery: bool = False
     """Plant the errors of the run machinery (checkpoints, signals, logs, envs, evaluation) instead."""
+    tests: str = ""
+    """A pytest -k expression to run instead of each error's own tests (e.g. to ask which errors one test catches)."""
 
 
 def plant(repo: Path, number: int) -> None:
@@ -116,7 +171,9 @@ def main(args: Args) -> int:
             shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "__pycache__", ".pytest_cache", "docs"))
             plant(repo, n)
             cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_dali.py"]
-            if not args.all_tests:
+            if args.tests:
+                cmd += ["-k", args.tests]
+            elif not args.all_tests:
                 cmd += ["-k", ERRORS[n][4] if len(ERRORS[n]) > 4 else RECIPE_TESTS]
             out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
             failed = [line.split("::")[1].split(" ")[0] for line in out.stdout.splitlines() if line.startswith("FAILED")]
