@@ -3,8 +3,10 @@
 
 It sits below train.py, evaluate.py and counterfactual.py, so that evaluating a checkpoint never imports
 the training script. A checkpoint is one dict of tensors and plain Python types (version, args, agent,
-optimizers, replay, counters, RNG states); it is loaded with torch.load(weights_only=True), so a shared
-checkpoint cannot run code on load.
+optimizers, replay, counters, RNG states, and the acting state of a checkpoint taken mid-episode); it is
+loaded with torch.load(weights_only=True), so a shared checkpoint cannot run code on load. A pretrained
+agent (`export_agent`) is the same dict with the agent's weights alone: evaluate.py, film.py and
+counterfactual.py load it like a checkpoint; train.py cannot resume it.
 """
 
 from __future__ import annotations
@@ -156,6 +158,9 @@ def load_checkpoint(path: str | Path, args: Args | None = None) -> dict:
         ckpt = migrate_v1(ckpt)
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise SystemExit(f"error: {path} is not a checkpoint of this train.py (version {CHECKPOINT_VERSION})")
+    if args is not None and ckpt.get("kind") == "pretrained":
+        raise SystemExit(f"error: {path} is a pretrained agent (weights only, no replay or optimisers): evaluate, film or "
+                         "dream with it; train.py cannot resume it")  # fmt: skip
     if args is not None:
         conflicts = config_conflicts(ckpt["args"], dataclasses.asdict(args))
         if conflicts:
@@ -282,6 +287,27 @@ def load_agent(path: str | Path, device: str | torch.device = "cpu") -> tuple[Ar
     args = args_from_dict(ckpt["args"])
     env = envs.make_env(args.task, args.obs, [envs.default_context(args.task)], 0, args.action_repeat)
     agent = build_agent(args, env, device)
-    agent.load_state_dict(ckpt["agent"])
     env.close()
+    missing, unexpected = (sorted(agent.state_dict().keys() - ckpt["agent"].keys()), sorted(ckpt["agent"].keys() - agent.state_dict().keys()))
+    if missing or unexpected:
+        raise SystemExit(f"error: {checkpoint_path(path)} does not fit the agent its configuration builds (written by incompatible "
+                         f"code?): missing {missing[:4]}, unexpected {unexpected[:4]}")  # fmt: skip
+    try:
+        agent.load_state_dict(ckpt["agent"])
+    except RuntimeError as e:  # shapes
+        raise SystemExit(f"error: {checkpoint_path(path)} does not fit the agent its configuration builds: {str(e).splitlines()[-1].strip()}") from None
     return args, agent.eval(), ckpt
+
+
+def export_agent(path: str | Path, out: str | Path) -> dict:
+    """A trained agent's weights without replay, optimisers and random streams (a few MB), with its configuration,
+    its counters and the code it trained on (the run's code.json, where there is one), written to `out`."""
+    path = checkpoint_path(path)
+    ckpt = load_checkpoint(path)
+    code = path.parent / "code.json"
+    made_by = {"run": str(path.parent), "code": json.loads(code.read_text()) if code.is_file() else "unknown"}
+    agent = {k: v.clone() for k, v in ckpt["agent"].items()}  # not views into the full checkpoint's storage
+    payload = {"version": CHECKPOINT_VERSION, "kind": "pretrained", "args": ckpt["args"], "agent": agent, "counters": ckpt["counters"], "made_by": made_by}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(Path(out), payload)
+    return payload

@@ -4,6 +4,7 @@
     python evaluate.py aggregate runs/*/zeroshot_single_0.jsonl --out zeroshot
     python evaluate.py reference --task ball_in_cup --setting single_0 --out docs/results/reference_single_0.json
     python evaluate.py aggregate runs/*/zeroshot_single_0.jsonl --reference docs/results/reference_single_0.json
+    python evaluate.py export --checkpoint runs/x --out pretrained/x.pt
 
 `run` evaluates a trained agent on every context of a setting's evaluation grid (contexts.eval_contexts).
 Each episode starts from a fresh latent state and an empty context window, so the agent infers the context
@@ -14,6 +15,8 @@ with stratified-bootstrap 95% CIs and the probability of improvement of every me
 (results.py; scores normalised by R / 1000 or, with `--reference`, per context as in the DALI release), as a
 table, a JSON file, the paper's figure (IQM bars per regime and a P(X > Y) panel) and the return against
 each varied context feature. `reference` measures random_c, a uniform random policy's return per context.
+`export` writes a trained agent's weights alone (a pretrained agent of a few MB that `run`, film.py and
+counterfactual.py load like a checkpoint).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from tqdm import tqdm
 
 import envs
 import figures
-from checkpoint import checkpoint_path, load_agent, resolve_device
+from checkpoint import checkpoint_path, export_agent, load_agent, resolve_device
 from dali import Agent
 from rollout import RandomPolicy, episode_returns
 from results import MAX_RETURN, aggregate, format_table, read_reference, read_results
@@ -146,6 +149,16 @@ class ReferenceReturns:
     """Envs stepping in lockstep."""
 
 
+@dataclass(frozen=True)
+class Export:
+    """Write a trained agent's weights alone (no replay, optimisers or random streams): a pretrained agent."""
+
+    checkpoint: str
+    """A train.py run directory or its checkpoint."""
+    out: str
+    """The pretrained agent's file, e.g. pretrained/walker_dali_s.pt; folders are created."""
+
+
 def writable_output(path: Path) -> Path:
     """Create the parent folders of an output file and check that it can be written, before any work."""
     try:
@@ -225,16 +238,26 @@ def reference_main(cmd: ReferenceReturns) -> dict:
     return ref
 
 
+def export_main(cmd: Export) -> Path:
+    out = writable_output(Path(cmd.out))
+    payload = export_agent(cmd.checkpoint, out)
+    args = payload["args"]
+    print(f"{args['task']} {method_name(args['agent']['context'], args['agent']['integration'], args['ctx']['cross_weight'])} seed {args['seed']} "
+          f"at {payload['counters']['env_steps']} env steps -> {out} ({out.stat().st_size / 1e6:.1f} MB)")  # fmt: skip
+    return out
+
+
 Command = Union[
     Annotated[Run, tyro.conf.subcommand("run")],
     Annotated[Aggregate, tyro.conf.subcommand("aggregate")],
     Annotated[ReferenceReturns, tyro.conf.subcommand("reference")],
+    Annotated[Export, tyro.conf.subcommand("export")],
 ]
 
 
 def main(argv: list[str] | None = None):
     cmd = tyro.cli(Command, args=argv, description=__doc__)
-    commands = {Run: run, Aggregate: aggregate_main, ReferenceReturns: reference_main}
+    commands = {Run: run, Aggregate: aggregate_main, ReferenceReturns: reference_main, Export: export_main}
     return commands[type(cmd)](cmd)
 
 

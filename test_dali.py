@@ -1885,6 +1885,40 @@ def test_film_shows_each_context_side_by_side_in_real_time_and_rejects_bad_conte
             film.main(film.Args(checkpoint=str(tiny_dali_run), contexts=(bad,), out=str(tmp_path / "x.gif")))
 
 
+def test_a_pretrained_agent_is_small_acts_as_the_run_did_and_bad_files_fail_clearly(tiny_dali_run, tmp_path):
+    """evaluate.py export: the weights alone, loadable wherever a checkpoint is (the same actions as the full
+    checkpoint's agent), refused by train.py --resume; a truncated or incompatible file fails with a clear error."""
+    import shutil
+
+    from rollout import episode_returns
+
+    out = tmp_path / "pretrained" / "agent.pt"
+    evaluate.main(["export", "--checkpoint", str(tiny_dali_run.parent), "--out", str(out)])
+    assert out.stat().st_size < tiny_dali_run.stat().st_size / 2
+    pre = checkpoint.load_checkpoint(out)
+    assert pre["kind"] == "pretrained" and not {"replay", "optimizers", "rng", "acting"} & pre.keys()
+    returns = []
+    for path in (tiny_dali_run, out):
+        args, agent, _ = checkpoint.load_agent(path)
+        torch.manual_seed(0)
+        returns.append(episode_returns(agent, "ball_in_cup", "features", args.action_repeat, [(envs.default_context("ball_in_cup"), 7)] * 2, batch=2))
+    assert returns[0] == returns[1]
+    rows = evaluate.main(["run", "--checkpoint", str(out), "--setting", "single_0", "--episodes", "1", "--out", str(tmp_path / "z.jsonl"), "--no-progress"])
+    assert len(rows) == 14
+    (tmp_path / "logdir").mkdir()
+    shutil.copy(out, tmp_path / "logdir" / "ckpt.pt")
+    with pytest.raises(SystemExit, match="is a pretrained agent .* train.py cannot resume it"):
+        train.main(train.cli(["--logdir", str(tmp_path / "logdir"), "--resume"]))
+    (tmp_path / "cut.pt").write_bytes(out.read_bytes()[:5000])
+    with pytest.raises(SystemExit, match="corrupt or truncated"):
+        checkpoint.load_agent(tmp_path / "cut.pt")
+    odd = torch.load(out, weights_only=True)
+    odd["agent"].pop(next(k for k in odd["agent"] if k.startswith("ctx_encoder.")))
+    torch.save(odd, tmp_path / "odd.pt")
+    with pytest.raises(SystemExit, match="does not fit the agent its configuration builds .*missing \\['ctx_encoder"):
+        checkpoint.load_agent(tmp_path / "odd.pt")
+
+
 def test_aggregate_rejects_bad_results_files(tiny_dali_run, tmp_path):
     import json
 
