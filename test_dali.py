@@ -1819,7 +1819,11 @@ def test_slurm_study_with_a_requeued_job_finishes_aggregates_and_resumes_exactly
     subprocess.run(["scancel", "--signal=USR2", job], check=True, env=slurm)
     squeue = lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=slurm).stdout  # noqa: E731
     wait_for(lambda: "PENDING" in squeue(), 120, f"job {job} to be requeued", proc)
-    # SLURM holds a requeued job for about two minutes (BeginTime); let it start now
+    # SLURM holds a requeued job for about two minutes (BeginTime); let it start now, but not within the
+    # second of the requeue: slurmd revokes the old run's credential with a timestamp in whole seconds, and
+    # refuses a launch in that same second ("Killing non-startable batch JobId=N: Job credential revoked"),
+    # which fails the job for good. A cluster's own two minutes never meet this.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm)
     out, _ = proc.communicate(timeout=600)
     ctld = Path(slurm["SLURM_CONF"]).parent / "slurmctld.log"
