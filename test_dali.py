@@ -1612,6 +1612,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import code_version  # noqa: E402
 import sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
@@ -1836,3 +1837,43 @@ def test_slurm_study_with_a_requeued_job_finishes_aggregates_and_resumes_exactly
     assert (run / "train.log").read_text().count(f"(SLURM job {job})") == 2  # the same job, requeued
     same_parameters(run / "train" / "ckpt.pt", reference("DALI-S_s0"))
     same_parameters(root / "Dreamer-DR_s0" / "train" / "ckpt.pt", reference("Dreamer-DR_s0"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The recorded code version
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_code_version_records_the_commit_or_unknown_and_notes_a_resume_under_other_code(tmp_path, monkeypatch):
+    probe = "import code_version, json; print(json.dumps(code_version.code_version()))"
+    # a tarball install: no git repository
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(REPO / "code_version.py", plain)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=plain, check=True).stdout
+    assert json.loads(out) == {"commit": "unknown", "dirty": None, "diff": None}
+    # a git checkout: its commit; dirty once a tracked file or an untracked .py changes, not for other files
+    if shutil.which("git"):
+        git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=plain, check=True, capture_output=True, text=True).stdout  # noqa: E731
+        git("init", "-q")
+        git("add", "code_version.py")
+        git("commit", "-qm", "c")
+        head = git("rev-parse", "HEAD").strip()
+        version = lambda: json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=plain, check=True).stdout)  # noqa: E731
+        assert version() == {"commit": head, "dirty": False, "diff": None}
+        (plain / "metrics.jsonl").write_text("{}")
+        assert version()["dirty"] is False
+        (plain / "new.py").write_text("x = 1")
+        first = version()
+        (plain / "new.py").write_text("x = 2")
+        assert first["dirty"] and version()["dirty"] and first["diff"] != version()["diff"]
+    # train.py's record: a fresh run starts the list, a resume under other code is noted
+    logdir = tmp_path / "logdir"
+    logdir.mkdir()
+    monkeypatch.setattr(code_version, "code_version", lambda: {"commit": "a" * 40, "dirty": False, "diff": None})
+    assert code_version.record_launch(logdir, 0) is None and code_version.record_launch(logdir, 2000) is None
+    monkeypatch.setattr(code_version, "code_version", lambda: {"commit": "b" * 40, "dirty": True, "diff": "1234abcd"})
+    note = code_version.record_launch(logdir, 4000)
+    assert note and note.startswith("note: resuming at 4000 env steps under code bbbbbbb-dirty.1234abcd; this run was trained so far under aaaaaaa")
+    assert [c["env_steps"] for c in code_version.read_launches(logdir / "code.json")] == [0, 2000, 4000]
+    assert code_version.record_launch(logdir, 0) is None and len(code_version.read_launches(logdir / "code.json")) == 1
