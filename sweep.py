@@ -33,9 +33,9 @@ Executors, both built on an engine rather than a scheduler of our own:
   (submitit's --signal=USR2@signal_delay_s); submitit then calls `RunJob.checkpoint`, which asks train.py to
   checkpoint (SIGTERM: it saves at the next episode boundary), and requeues the job, which resumes.
 
-A small supervisor process (SUPERVISOR) stands between a runner and each train.py / evaluate.py, so that
-the child gets exactly one SIGTERM (train.py checkpoints on it) however the runner ends: stopped, killed
-or preempted.
+A small supervisor process (`python -m supervisor`, supervisor.py) stands between a runner and each
+train.py / evaluate.py, so that the child gets exactly one SIGTERM (train.py checkpoints on it) however the
+runner ends: stopped, killed or preempted.
 """
 
 from __future__ import annotations
@@ -229,42 +229,6 @@ class RunFailed(Exception):
     """A run's train.py or evaluate.py failed, or the run was stopped; the message says which and where."""
 
 
-# Between a runner and its train.py / evaluate.py: `python -c SUPERVISOR RUNNER_PID COMMAND...`. Its job is
-# that the child gets exactly one SIGTERM, whatever ends the runner: train.py checkpoints on the first and
-# exits at once, unsaved, on a second. PR_SET_PDEATHSIG alone would not do: the kernel sends it at every
-# reparenting, once per exiting thread of a multi-threaded runner. So the supervisor takes the runner's death
-# and stop requests as USR1 and forwards one SIGTERM; a SIGTERM or SIGINT to the whole process group (SLURM
-# signals every process of a job) has reached the child already and is not forwarded again. USR2, SLURM's
-# warning for the job's own process (submitit), is ignored by both.
-SUPERVISOR = """
-import ctypes, os, signal, subprocess, sys
-libc, child, forwarded = ctypes.CDLL(None), None, False
-
-def forward(signum, frame):
-    global forwarded
-    if child is None:
-        os._exit(128 + signal.SIGTERM)
-    if not forwarded and signum == signal.SIGUSR1:
-        child.send_signal(signal.SIGTERM)
-    forwarded = True
-
-def child_setup():
-    libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG: the supervisor is single-threaded, so once
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-    signal.signal(s, forward)
-signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-libc.prctl(1, int(signal.SIGUSR1))
-if os.getppid() != int(sys.argv[1]):  # the runner died before prctl
-    sys.exit(128 + signal.SIGTERM)
-child = subprocess.Popen([sys.executable, *sys.argv[2:]], preexec_fn=child_setup, close_fds=False)
-rc = child.wait()
-sys.exit(rc if rc >= 0 else 128 - rc)
-"""
-
-
 class RunJob(submitit.helpers.Checkpointable):
     """Train (or resume), evaluate, mark done: one run, callable by both executors.
 
@@ -337,7 +301,7 @@ class RunJob(submitit.helpers.Checkpointable):
             f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}{job}\n$ python {shlex.join(cmd)}\n")
             f.flush()
             child = subprocess.Popen(
-                [sys.executable, "-c", SUPERVISOR, str(os.getpid()), *cmd],
+                [sys.executable, "-m", "supervisor", str(os.getpid()), *cmd],
                 stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
                 start_new_session=True,  # Ctrl-C reaches the sweep alone, which asks for one SIGTERM
                 pass_fds=(self._lock_fd,),  # the run stays locked while the child lives

@@ -1840,6 +1840,86 @@ def test_slurm_study_with_a_requeued_job_finishes_aggregates_and_resumes_exactly
 
 
 # ----------------------------------------------------------------------------------------------------
+# The supervisor: one SIGTERM for the child, however the runner ends
+# ----------------------------------------------------------------------------------------------------
+
+# The child records every SIGTERM, and like train.py finishes up for a moment after the first; it writes
+# EXIT when it ends by itself
+SUPERVISED_CHILD = """
+import signal, sys, time
+out = sys.argv[1]
+deadline = time.time() + float(sys.argv[2])
+def term(signum, frame):
+    global deadline
+    open(out, "a").write("TERM\\n")
+    deadline = min(deadline, time.time() + 1.5)
+signal.signal(signal.SIGTERM, term)
+open(out + ".ready", "w").close()
+while time.time() < deadline:
+    time.sleep(0.05)
+open(out, "a").write("EXIT\\n")
+"""
+
+# The runner launches `python -m supervisor` from a worker thread, as the local executor does, with other
+# threads alive (each exiting thread of a dying runner would be a parent-death signal of its own)
+SUPERVISED_RUNNER = """
+import os, signal, subprocess, sys, threading, time
+child, out, seconds, stop = sys.argv[1:5]
+for _ in range(4):
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+def launch():
+    p = subprocess.Popen([sys.executable, "-m", "supervisor", str(os.getpid()), child, out, seconds], start_new_session=True)
+    open(out + ".pid", "w").write(str(p.pid))
+    while not os.path.exists(out + ".ready"):
+        time.sleep(0.05)
+    for _ in range(int(stop)):  # stop requests, as RunJob.stop sends them
+        os.kill(p.pid, signal.SIGUSR1)
+    open(out + ".status", "w").write(str(p.wait()))
+worker = threading.Thread(target=launch)
+worker.start()
+worker.join()
+"""
+
+
+def test_supervisor_gives_its_child_exactly_one_sigterm_however_the_runner_ends(tmp_path):
+    (tmp_path / "child.py").write_text(SUPERVISED_CHILD)
+
+    def start(name: str, seconds: float = 60, stop: int = 0) -> tuple[subprocess.Popen, Path]:
+        out = tmp_path / name
+        runner = subprocess.Popen([sys.executable, "-c", SUPERVISED_RUNNER, str(tmp_path / "child.py"), str(out), str(seconds), str(stop)], cwd=REPO)
+        wait_for(Path(f"{out}.ready").exists, 60, f"{name}: the child to start")
+        return runner, out
+
+    def signals(out: Path) -> list[str]:
+        wait_for(lambda: out.exists() and out.read_text().endswith("EXIT\n") or not alive(int(Path(f"{out}.pid").read_text())), 60, "the end")
+        time.sleep(0.5)
+        return out.read_text().split() if out.exists() else []
+
+    # the runner dies (SIGKILL: no chance to ask for anything); the child checkpoints on one SIGTERM
+    runner, out = start("killed")
+    runner.kill()
+    assert signals(out) == ["TERM", "EXIT"]
+    # the runner asks twice for a stop, then dies while the child finishes up
+    runner, out = start("stopped", stop=2)
+    wait_for(out.exists, 30, "the stop to arrive")
+    runner.kill()
+    assert signals(out) == ["TERM", "EXIT"]
+    # SLURM signals every process of the job: USR2 (the warning, for submitit alone) is ignored, SIGTERM
+    # reaches the child directly and is not forwarded again when the runner dies next
+    runner, out = start("job signalled")
+    pgid = int(Path(f"{out}.pid").read_text())
+    os.killpg(pgid, signal.SIGUSR2)
+    os.killpg(pgid, signal.SIGTERM)
+    wait_for(out.exists, 30, "the SIGTERM to arrive")
+    runner.kill()
+    assert signals(out) == ["TERM", "EXIT"]
+    # a runner that lives and asks for nothing: no signal, and the child's exit status comes back
+    runner, out = start("undisturbed", seconds=1)
+    assert runner.wait(timeout=60) == 0 and signals(out) == ["EXIT"]
+    assert Path(f"{out}.status").read_text() == "0"
+
+
+# ----------------------------------------------------------------------------------------------------
 # The recorded code version
 # ----------------------------------------------------------------------------------------------------
 
