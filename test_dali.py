@@ -1600,7 +1600,9 @@ def test_dream_gif_has_one_frame_per_step_with_real_and_counterfactuals_side_by_
 
 # ----------------------------------------------------------------------------------------------------
 # sweep.py: bad input fails before anything is launched, a killed local run resumes exactly, and a study
-# runs through a real SLURM (benchmarks/slurm_local.sh) with a requeued job that resumes exactly
+# runs through a real SLURM (benchmarks/slurm_local.sh) with a requeued job that resumes exactly; the
+# supervisor's one SIGTERM, the recorded code, one sweep per directory, what aggregate leaves out, and the
+# sbatch requests SLURM accepts
 # ----------------------------------------------------------------------------------------------------
 
 import json  # noqa: E402
@@ -1609,10 +1611,13 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import code_version  # noqa: E402
+import study_executors  # noqa: E402
+import study_runs  # noqa: E402
 import sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
@@ -1763,6 +1768,7 @@ def test_local_run_killed_twice_resumes_to_the_parameters_of_an_uninterrupted_ru
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 1, out
     assert "DALI-S_s0: FAILED: train.py was stopped (status 137)" in out and "failed" in out
+    assert "left out of the aggregate (0 of 1 runs in it):\n  DALI-S: no finished run (DALI-S_s0 failed)" in out
     assert torch.load(ckpt, weights_only=True)["counters"]["env_steps"] < 6000
 
     # 2. SIGKILL of the sweep itself while the run resumes: its train.py gets SIGTERM (it dies with its parent)
@@ -1783,9 +1789,14 @@ def test_local_run_killed_twice_resumes_to_the_parameters_of_an_uninterrupted_ru
     assert (run / "done").exists() and (run / "zeroshot_single_0.jsonl").exists()
     assert (root / "zeroshot_single_0.json").exists() and (root / "zeroshot_single_0.png").exists()
     same_parameters(ckpt, reference("DALI-S_s0"))
-    # a fourth call has nothing left to do
+    # a fourth call has nothing left to do; every launch recorded this checkout's code
     status = subprocess.run(sweep_cmd("status", str(root)), capture_output=True, text=True, cwd=REPO, timeout=120)
     assert status.returncode == 0 and "1/1 runs done" in status.stdout, status.stdout + status.stderr
+    code = code_version.describe(code_version.code_version())
+    assert status.stdout.splitlines()[1].endswith(f"  {code}") and "different code" not in status.stdout
+    assert [c["env_steps"] > 0 for c in code_version.read_launches(run / "train" / "code.json")] == [False, True, True]
+    assert [c["what"] for c in code_version.read_launches(run / "code.json")] == ["train.py"] * 3 + ["evaluate.py"]
+    assert code_version.describe(json.loads((root / "study.json").read_text())["code"][-1]) == code
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1835,8 +1846,38 @@ def test_slurm_study_with_a_requeued_job_finishes_aggregates_and_resumes_exactly
     assert set(summary["metrics"]["all"]) == {"Dreamer-DR", "DALI-S"}
     assert [cmd.endswith("--resume") for cmd in launches(run / "train.log")] == [False, True]
     assert (run / "train.log").read_text().count(f"(SLURM job {job})") == 2  # the same job, requeued
+    assert "SLURM state" not in out and "different code" not in out
     same_parameters(run / "train" / "ckpt.pt", reference("DALI-S_s0"))
     same_parameters(root / "Dreamer-DR_s0" / "train" / "ckpt.pt", reference("Dreamer-DR_s0"))
+
+
+def test_sbatch_accepts_the_rendered_requests(tmp_path, slurm, monkeypatch):
+    """Every option sweep.py renders, judged by the real sbatch (--test-only: no job is made)."""
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    study = sweep.Study(dir=str(tmp_path / "study"))
+
+    def request(**flags) -> list[str]:
+        how = sweep.Executor(executor="slurm", **flags)
+        return [line for line in study_executors.sbatch_script(study, how).splitlines() if line.startswith("#SBATCH")]
+
+    lines = request(mem_gb=16, time_min=90, cpus_per_job=2, account="someone", partition="debug")
+    for line in ("--mem=16G", "--time=90", "--cpus-per-task=2", "--account=someone", "--partition=debug", "--requeue", "--signal=USR2@300"):
+        assert f"#SBATCH {line}" in lines, lines
+    study_executors.check_sbatch(study, sweep.Executor(executor="slurm", mem_gb=16, time_min=90, cpus_per_job=2, account="someone", partition="debug"))
+    assert "#SBATCH --mem=1536M" in request(mem_gb=1.5)
+    study_executors.check_sbatch(study, sweep.Executor(executor="slurm", mem_gb=1.5))
+    # what this node cannot give is refused by SLURM, with its reason, before anything is submitted
+    with pytest.raises(SystemExit, match=r"(?s)rejects this study's job request:.*partition.*#SBATCH --partition=nope"):
+        study_executors.check_sbatch(study, sweep.Executor(executor="slurm", partition="nope"))
+    with pytest.raises(SystemExit, match="configuration is not available"):
+        study_executors.check_sbatch(study, sweep.Executor(executor="slurm", mem_gb=100_000))
+    # GPUs: this node has none, so SLURM refuses the (well-formed) GPU request as unavailable
+    assert "#SBATCH --gpus-per-node=1" in request(gpus_per_job=1)
+    gres = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, env=slurm).stdout
+    if "gpu" not in gres:
+        with pytest.raises(SystemExit, match="generic resource"):
+            study_executors.check_sbatch(study, sweep.Executor(executor="slurm", gpus_per_job=1))
+    assert not Path(study.dir).exists()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1920,7 +1961,7 @@ def test_supervisor_gives_its_child_exactly_one_sigterm_however_the_runner_ends(
 
 
 # ----------------------------------------------------------------------------------------------------
-# The recorded code version
+# Code versions, one sweep per directory, free runs first, what aggregate leaves out
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -1957,3 +1998,47 @@ def test_code_version_records_the_commit_or_unknown_and_notes_a_resume_under_oth
     assert note and note.startswith("note: resuming at 4000 env steps under code bbbbbbb-dirty.1234abcd; this run was trained so far under aaaaaaa")
     assert [c["env_steps"] for c in code_version.read_launches(logdir / "code.json")] == [0, 2000, 4000]
     assert code_version.record_launch(logdir, 0) is None and len(code_version.read_launches(logdir / "code.json")) == 1
+
+
+def test_one_sweep_per_directory_and_workers_take_free_runs_first(tmp_path, capsys):
+    d = tmp_path / "study"
+    sweep.claim_dir(sweep.Study(seeds=(0, 1), dir=str(d)), "bic_gravity")
+    # a second `sweep.py run` on a directory in use is refused, naming the holder; nothing is launched
+    held = sweep.lock_dir(d)
+    try:
+        with pytest.raises(SystemExit, match=rf"{d} is in use by another sweep.py: pid {os.getpid()} on "):
+            sweep.main(["run", "--seeds", "0", "1", "--dir", str(d)])
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in d.iterdir()) == ["study.json", "sweep.lock"]
+    # a worker passes over a run another process holds, and takes it once it is free
+    runs = study_runs.expand(sweep.load_study(str(d)))
+    other = study_runs.RunJob(runs[0])
+    assert other.try_lock()
+    free = study_executors.FreeRuns(runs, threads=1)
+    assert [free.take().run.name for _ in range(3)] == [r.name for r in runs[1:]]
+    assert f"{runs[0].name}: another process works on this run (pid {os.getpid()} on " in capsys.readouterr().out
+    threading.Timer(1.0, lambda: os.close(other._lock_fd)).start()
+    assert free.take().run.name == runs[0].name and free.take() is None
+    for job in free.taken:
+        os.close(job._lock_fd)
+
+
+def test_aggregate_names_what_it_leaves_out(tmp_path, capsys, reference):
+    reference("DALI-S_s0")  # the reference study has finished
+    source = reference("DALI-S_s0").parents[2]
+    d = tmp_path / "study"
+    study = sweep.Study(methods=("Dreamer-DR", "DALI-S", "DALI-D"), seeds=(0, 1), dir=str(d))  # type: ignore[arg-type]
+    sweep.claim_dir(study, "bic_gravity")
+    for name in ("Dreamer-DR_s0", "DALI-S_s0"):
+        (d / name).mkdir()
+        for f in ("done", "zeroshot_single_0.jsonl"):
+            shutil.copy(source / name / f, d / name / f)
+    (d / "DALI-S_s1").mkdir()
+    (d / "DALI-S_s1" / "failed").write_text("train.py failed with status 1; its output: ...")
+    assert sweep.aggregate(study) is not None
+    out = capsys.readouterr().out
+    assert "left out of the aggregate (2 of 6 runs in it):" in out
+    assert "  DALI-D: no finished run (DALI-D_s0 pending, DALI-D_s1 pending)" in out
+    assert "  Dreamer-DR_s1: pending" in out and "  DALI-S_s1: failed" in out
+    assert set(json.loads((d / "zeroshot_single_0.json").read_text())["metrics"]["all"]) == {"Dreamer-DR", "DALI-S"}
