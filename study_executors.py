@@ -180,9 +180,10 @@ def check_sbatch(study: Study, how: Executor) -> None:
     """Have SLURM judge the job script before anything is submitted (`sbatch --test-only`: no job is made)."""
     test = subprocess.run(["sbatch", "--test-only"], input=sbatch_script(study, how), capture_output=True, text=True, timeout=120)
     if test.returncode != 0:
-        options = "\n       ".join(line for line in sbatch_script(study, how).splitlines() if line.startswith("#SBATCH"))
-        raise SystemExit(f"error: sbatch --test-only rejects this study's job request:\n       {test.stderr.strip()}\n"
-                         f"       the request:\n       {options}")  # fmt: skip
+        indent = lambda lines: "".join(f"\n       {line}" for line in lines)  # noqa: E731
+        options = [line for line in sbatch_script(study, how).splitlines() if line.startswith("#SBATCH")]
+        raise SystemExit(f"error: sbatch --test-only rejects this study's job request:{indent(test.stderr.strip().splitlines())}"
+                         f"\n       the request:{indent(options)}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
