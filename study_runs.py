@@ -170,7 +170,9 @@ class RunJob(submitit.helpers.Checkpointable):
             os.close(fd)
             return False
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} job {os.environ.get('SLURM_JOB_ID', '-')}\n".encode(), 0)
+        # its train.py / evaluate.py inherit the lock and may outlive this process (they checkpoint first)
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, SLURM job {os.environ.get('SLURM_JOB_ID', '-')}, or a train.py it started"
+        os.pwrite(fd, f"{holder}\n".encode(), 0)
         self._lock_fd = fd
         return True
 
