@@ -77,7 +77,7 @@ class Args:
     log_every: int = 2_000
     """Env steps between metric lines."""
     save_every: int = 20_000
-    """Env steps between checkpoints (taken at the next episode boundary)."""
+    """Env steps between periodic checkpoints (taken at the next episode boundary; a signal saves at once)."""
     resume: bool = False
     """Continue the run in --logdir from its ckpt.pt (replay, optimisers, counters, RNGs restored)."""
     threads: int = 1

@@ -2024,7 +2024,9 @@ def test_dream_gif_has_one_frame_per_step_with_real_and_counterfactuals_side_by_
 
 # ----------------------------------------------------------------------------------------------------
 # sweep.py: bad input fails before anything is launched, a killed local run resumes exactly, and a study
-# runs through a real SLURM (benchmarks/slurm_local.sh) with a requeued job that resumes exactly
+# runs through a real SLURM (benchmarks/slurm_local.sh) with a requeued job that resumes exactly; the
+# supervisor's one SIGTERM, the recorded code, one sweep per directory, what aggregate leaves out, and the
+# sbatch requests SLURM accepts
 # ----------------------------------------------------------------------------------------------------
 
 import json  # noqa: E402
@@ -2033,9 +2035,13 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import code_version  # noqa: E402
+import study_executors  # noqa: E402
+import study_runs  # noqa: E402
 import sweep  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
@@ -2186,6 +2192,7 @@ def test_local_run_killed_twice_resumes_to_the_parameters_of_an_uninterrupted_ru
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 1, out
     assert "DALI-S_s0: FAILED: train.py was stopped (status 137)" in out and "failed" in out
+    assert "left out of the aggregate (0 of 1 runs in it):\n  DALI-S: no finished run (DALI-S_s0 failed)" in out
     assert torch.load(ckpt, weights_only=True)["counters"]["env_steps"] < 6000
 
     # 2. SIGKILL of the sweep itself while the run resumes: its train.py gets SIGTERM (it dies with its parent)
@@ -2206,9 +2213,14 @@ def test_local_run_killed_twice_resumes_to_the_parameters_of_an_uninterrupted_ru
     assert (run / "done").exists() and (run / "zeroshot_single_0.jsonl").exists()
     assert (root / "zeroshot_single_0.json").exists() and (root / "zeroshot_single_0.png").exists()
     same_parameters(ckpt, reference("DALI-S_s0"))
-    # a fourth call has nothing left to do
+    # a fourth call has nothing left to do; every launch recorded this checkout's code
     status = subprocess.run(sweep_cmd("status", str(root)), capture_output=True, text=True, cwd=REPO, timeout=120)
     assert status.returncode == 0 and "1/1 runs done" in status.stdout, status.stdout + status.stderr
+    code = code_version.describe(code_version.code_version())
+    assert status.stdout.splitlines()[1].endswith(f"  {code}") and "different code" not in status.stdout
+    assert [c["env_steps"] > 0 for c in code_version.read_launches(run / "train" / "code.json")] == [False, True, True]
+    assert [c["what"] for c in code_version.read_launches(run / "code.json")] == ["train.py"] * 3 + ["evaluate.py"]
+    assert code_version.describe(json.loads((root / "study.json").read_text())["code"][-1]) == code
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2243,7 +2255,11 @@ def test_slurm_study_with_a_requeued_job_finishes_aggregates_and_resumes_exactly
     subprocess.run(["scancel", "--signal=USR2", job], check=True, env=slurm)
     squeue = lambda: subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True, env=slurm).stdout  # noqa: E731
     wait_for(lambda: "PENDING" in squeue(), 120, f"job {job} to be requeued", proc)
-    # SLURM holds a requeued job for about two minutes (BeginTime); let it start now
+    # SLURM holds a requeued job for about two minutes (BeginTime); let it start now, but not within the
+    # second of the requeue: slurmd revokes the old run's credential with a timestamp in whole seconds, and
+    # refuses a launch in that same second ("Killing non-startable batch JobId=N: Job credential revoked"),
+    # which fails the job for good. A cluster's own two minutes never meet this.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm)
     out, _ = proc.communicate(timeout=600)
     ctld = Path(slurm["SLURM_CONF"]).parent / "slurmctld.log"
@@ -2254,5 +2270,199 @@ def test_slurm_study_with_a_requeued_job_finishes_aggregates_and_resumes_exactly
     assert set(summary["metrics"]["all"]) == {"Dreamer-DR", "DALI-S"}
     assert [cmd.endswith("--resume") for cmd in launches(run / "train.log")] == [False, True]
     assert (run / "train.log").read_text().count(f"(SLURM job {job})") == 2  # the same job, requeued
+    assert "SLURM state" not in out and "different code" not in out
     same_parameters(run / "train" / "ckpt.pt", reference("DALI-S_s0"))
     same_parameters(root / "Dreamer-DR_s0" / "train" / "ckpt.pt", reference("Dreamer-DR_s0"))
+
+
+def test_sbatch_accepts_the_rendered_requests(tmp_path, slurm, monkeypatch):
+    """Every option sweep.py renders, judged by the real sbatch (--test-only: no job is made)."""
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    study = sweep.Study(dir=str(tmp_path / "study"))
+
+    def request(**flags) -> list[str]:
+        how = sweep.Executor(executor="slurm", **flags)
+        return [line for line in study_executors.sbatch_script(study, how).splitlines() if line.startswith("#SBATCH")]
+
+    lines = request(mem_gb=16, time_min=90, cpus_per_job=2, account="someone", partition="debug")
+    for line in ("--mem=16G", "--time=90", "--cpus-per-task=2", "--account=someone", "--partition=debug", "--requeue", "--signal=USR2@300"):
+        assert f"#SBATCH {line}" in lines, lines
+    study_executors.check_sbatch(study, sweep.Executor(executor="slurm", mem_gb=16, time_min=90, cpus_per_job=2, account="someone", partition="debug"))
+    assert "#SBATCH --mem=1536M" in request(mem_gb=1.5)
+    study_executors.check_sbatch(study, sweep.Executor(executor="slurm", mem_gb=1.5))
+    # what this node cannot give is refused by SLURM, with its reason, before anything is submitted
+    with pytest.raises(SystemExit, match=r"(?s)rejects this study's job request:.*partition.*#SBATCH --partition=nope"):
+        study_executors.check_sbatch(study, sweep.Executor(executor="slurm", partition="nope"))
+    with pytest.raises(SystemExit, match="configuration is not available"):
+        study_executors.check_sbatch(study, sweep.Executor(executor="slurm", mem_gb=100_000))
+    # GPUs: this node has none, so SLURM refuses the (well-formed) GPU request as unavailable
+    assert "#SBATCH --gpus-per-node=1" in request(gpus_per_job=1)
+    gres = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, env=slurm).stdout
+    if "gpu" not in gres:
+        with pytest.raises(SystemExit, match="generic resource"):
+            study_executors.check_sbatch(study, sweep.Executor(executor="slurm", gpus_per_job=1))
+    assert not Path(study.dir).exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The supervisor: one SIGTERM for the child, however the runner ends
+# ----------------------------------------------------------------------------------------------------
+
+# The child records every SIGTERM, and like train.py finishes up for a moment after the first; it writes
+# EXIT when it ends by itself
+SUPERVISED_CHILD = """
+import signal, sys, time
+out = sys.argv[1]
+deadline = time.time() + float(sys.argv[2])
+def term(signum, frame):
+    global deadline
+    open(out, "a").write("TERM\\n")
+    deadline = min(deadline, time.time() + 1.5)
+signal.signal(signal.SIGTERM, term)
+open(out + ".ready", "w").close()
+while time.time() < deadline:
+    time.sleep(0.05)
+open(out, "a").write("EXIT\\n")
+"""
+
+# The runner launches `python -m supervisor` from a worker thread, as the local executor does, with other
+# threads alive (each exiting thread of a dying runner would be a parent-death signal of its own)
+SUPERVISED_RUNNER = """
+import os, signal, subprocess, sys, threading, time
+child, out, seconds, stop = sys.argv[1:5]
+for _ in range(4):
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+def launch():
+    p = subprocess.Popen([sys.executable, "-m", "supervisor", str(os.getpid()), child, out, seconds], start_new_session=True)
+    open(out + ".pid", "w").write(str(p.pid))
+    while not os.path.exists(out + ".ready"):
+        time.sleep(0.05)
+    for _ in range(int(stop)):  # stop requests, as RunJob.stop sends them
+        os.kill(p.pid, signal.SIGUSR1)
+    open(out + ".status", "w").write(str(p.wait()))
+worker = threading.Thread(target=launch)
+worker.start()
+worker.join()
+"""
+
+
+def test_supervisor_gives_its_child_exactly_one_sigterm_however_the_runner_ends(tmp_path):
+    (tmp_path / "child.py").write_text(SUPERVISED_CHILD)
+
+    def start(name: str, seconds: float = 60, stop: int = 0) -> tuple[subprocess.Popen, Path]:
+        out = tmp_path / name
+        runner = subprocess.Popen([sys.executable, "-c", SUPERVISED_RUNNER, str(tmp_path / "child.py"), str(out), str(seconds), str(stop)], cwd=REPO)
+        wait_for(Path(f"{out}.ready").exists, 60, f"{name}: the child to start")
+        return runner, out
+
+    def signals(out: Path) -> list[str]:
+        wait_for(lambda: out.exists() and out.read_text().endswith("EXIT\n") or not alive(int(Path(f"{out}.pid").read_text())), 60, "the end")
+        time.sleep(0.5)
+        return out.read_text().split() if out.exists() else []
+
+    # the runner dies (SIGKILL: no chance to ask for anything); the child checkpoints on one SIGTERM
+    runner, out = start("killed")
+    runner.kill()
+    assert signals(out) == ["TERM", "EXIT"]
+    # the runner asks twice for a stop, then dies while the child finishes up
+    runner, out = start("stopped", stop=2)
+    wait_for(out.exists, 30, "the stop to arrive")
+    runner.kill()
+    assert signals(out) == ["TERM", "EXIT"]
+    # SLURM signals every process of the job: USR2 (the warning, for submitit alone) is ignored, SIGTERM
+    # reaches the child directly and is not forwarded again when the runner dies next
+    runner, out = start("job signalled")
+    pgid = int(Path(f"{out}.pid").read_text())
+    os.killpg(pgid, signal.SIGUSR2)
+    os.killpg(pgid, signal.SIGTERM)
+    wait_for(out.exists, 30, "the SIGTERM to arrive")
+    runner.kill()
+    assert signals(out) == ["TERM", "EXIT"]
+    # a runner that lives and asks for nothing: no signal, and the child's exit status comes back
+    runner, out = start("undisturbed", seconds=1)
+    assert runner.wait(timeout=60) == 0 and signals(out) == ["EXIT"]
+    assert Path(f"{out}.status").read_text() == "0"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Code versions, one sweep per directory, free runs first, what aggregate leaves out
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_code_version_records_the_commit_or_unknown_and_notes_a_resume_under_other_code(tmp_path, monkeypatch):
+    probe = "import code_version, json; print(json.dumps(code_version.code_version()))"
+    # a tarball install: no git repository
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    shutil.copy(REPO / "code_version.py", plain)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=plain, check=True).stdout
+    assert json.loads(out) == {"commit": "unknown", "dirty": None, "diff": None}
+    # a git checkout: its commit; dirty once a tracked file or an untracked .py changes, not for other files
+    if shutil.which("git"):
+        git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=plain, check=True, capture_output=True, text=True).stdout  # noqa: E731
+        git("init", "-q")
+        git("add", "code_version.py")
+        git("commit", "-qm", "c")
+        head = git("rev-parse", "HEAD").strip()
+        version = lambda: json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=plain, check=True).stdout)  # noqa: E731
+        assert version() == {"commit": head, "dirty": False, "diff": None}
+        (plain / "metrics.jsonl").write_text("{}")
+        assert version()["dirty"] is False
+        (plain / "new.py").write_text("x = 1")
+        first = version()
+        (plain / "new.py").write_text("x = 2")
+        assert first["dirty"] and version()["dirty"] and first["diff"] != version()["diff"]
+    # train.py's record: a fresh run starts the list, a resume under other code is noted
+    logdir = tmp_path / "logdir"
+    logdir.mkdir()
+    monkeypatch.setattr(code_version, "code_version", lambda: {"commit": "a" * 40, "dirty": False, "diff": None})
+    assert code_version.record_launch(logdir, 0) is None and code_version.record_launch(logdir, 2000) is None
+    monkeypatch.setattr(code_version, "code_version", lambda: {"commit": "b" * 40, "dirty": True, "diff": "1234abcd"})
+    note = code_version.record_launch(logdir, 4000)
+    assert note and note.startswith("note: resuming at 4000 env steps under code bbbbbbb-dirty.1234abcd; this run was trained so far under aaaaaaa")
+    assert [c["env_steps"] for c in code_version.read_launches(logdir / "code.json")] == [0, 2000, 4000]
+    assert code_version.record_launch(logdir, 0) is None and len(code_version.read_launches(logdir / "code.json")) == 1
+
+
+def test_one_sweep_per_directory_and_workers_take_free_runs_first(tmp_path, capsys):
+    d = tmp_path / "study"
+    sweep.claim_dir(sweep.Study(seeds=(0, 1), dir=str(d)), "bic_gravity")
+    # a second `sweep.py run` on a directory in use is refused, naming the holder; nothing is launched
+    held = sweep.lock_dir(d)
+    try:
+        with pytest.raises(SystemExit, match=rf"{d} is in use by another sweep.py: pid {os.getpid()} on "):
+            sweep.main(["run", "--seeds", "0", "1", "--dir", str(d)])
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in d.iterdir()) == ["study.json", "sweep.lock"]
+    # a worker passes over a run another process holds, and takes it once it is free
+    runs = study_runs.expand(sweep.load_study(str(d)))
+    other = study_runs.RunJob(runs[0])
+    assert other.try_lock()
+    free = study_executors.FreeRuns(runs, threads=1)
+    assert [free.take().run.name for _ in range(3)] == [r.name for r in runs[1:]]
+    assert f"{runs[0].name}: another process works on this run (pid {os.getpid()} on " in capsys.readouterr().out
+    threading.Timer(1.0, lambda: os.close(other._lock_fd)).start()
+    assert free.take().run.name == runs[0].name and free.take() is None
+    for job in free.taken:
+        os.close(job._lock_fd)
+
+
+def test_aggregate_names_what_it_leaves_out(tmp_path, capsys, reference):
+    reference("DALI-S_s0")  # the reference study has finished
+    source = reference("DALI-S_s0").parents[2]
+    d = tmp_path / "study"
+    study = sweep.Study(methods=("Dreamer-DR", "DALI-S", "DALI-D"), seeds=(0, 1), dir=str(d))  # type: ignore[arg-type]
+    sweep.claim_dir(study, "bic_gravity")
+    for name in ("Dreamer-DR_s0", "DALI-S_s0"):
+        (d / name).mkdir()
+        for f in ("done", "zeroshot_single_0.jsonl"):
+            shutil.copy(source / name / f, d / name / f)
+    (d / "DALI-S_s1").mkdir()
+    (d / "DALI-S_s1" / "failed").write_text("train.py failed with status 1; its output: ...")
+    assert sweep.aggregate(study) is not None
+    out = capsys.readouterr().out
+    assert "left out of the aggregate (2 of 6 runs in it):" in out
+    assert "  DALI-D: no finished run (DALI-D_s0 pending, DALI-D_s1 pending)" in out
+    assert "  Dreamer-DR_s1: pending" in out and "  DALI-S_s1: failed" in out
+    assert set(json.loads((d / "zeroshot_single_0.json").read_text())["metrics"]["all"]) == {"Dreamer-DR", "DALI-S"}

@@ -10,8 +10,9 @@ current policy, every record goes into a uniform replay, and the agent is update
 fixed train ratio (replayed steps per policy step). Each episode draws the next training context of its
 env (envs.py); DALI (arXiv:2508.20294, Sec. 6) trains on 100 contexts sampled from the training range.
 
-Output in --logdir: args.json, metrics.jsonl (one JSON object per log line), TensorBoard events, ckpt.pt
-(written atomically at episode boundaries every --save-every env steps, at a signal and at the end).
+Output in --logdir: args.json, code.json (the git commit of every launch: code_version.py), metrics.jsonl
+(one JSON object per log line), TensorBoard events, ckpt.pt (written atomically at episode boundaries every
+--save-every env steps, at a signal and at the end).
 
 Ctrl-C (SIGINT) or SIGTERM (what SLURM sends before it kills a job) saves a checkpoint after the current
 step, mid-episode too (each env's MuJoCo state and random streams, the agent's latent, previous action and
@@ -35,6 +36,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import code_version
 import envs
 from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, plain_numpy_state, preset, resolve_device, save_checkpoint, saved_args
 from dali import context_prefix
@@ -180,6 +182,8 @@ def main(args: Args) -> dict:
     prepare_logdir(logdir, ckpt)
     logdir.mkdir(parents=True, exist_ok=True)
     (logdir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if note := code_version.record_launch(logdir, ckpt["counters"]["env_steps"] if ckpt else 0):  # logdir/code.json
+        print(note)
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,7 +10,8 @@
 # state, spool, pid and log files. Nothing is written to /etc, so a real cluster's configuration on the
 # same machine is never touched. No systemd: munged, slurmctld and slurmd run as plain daemons (as root).
 # The node is this machine with its real CPUs and memory (`slurmd -C`); jobs are tracked by process tree
-# (proctrack/linuxproc) without cgroups (task/none), and may be requeued (JobRequeue=1).
+# (proctrack/linuxproc) without cgroups (task/none). JobRequeue=0, as many sites set it: a job may be
+# requeued only if it asks for it (sbatch --requeue), which sweep.py's jobs must do.
 set -euo pipefail
 
 cmd=${1:-}
@@ -91,7 +92,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
 SwitchType=switch/none
-JobRequeue=1
+JobRequeue=0
 ReturnToService=2
 SchedulerType=sched/backfill
 AccountingStorageType=accounting_storage/none
