@@ -15,8 +15,9 @@ model while filtering the prefix and at every imagined step (its posterior reads
 deep agent also reads ctx; it decodes with the unshifted ctx (--decode-shifted to change that), so that
 what moves in a dream moved in the imagined dynamics. A shallow (DALI-S) agent reads ctx only in the posterior, so there the shift acts only through
 the filtered start state; the paper's counterfactual analysis uses the deep variant. Every rollout of a
-comparison uses the same random numbers, so m = 0 reproduces the unperturbed dream exactly. The measures
-themselves (probes, rank correlations with bootstrap CIs, real-env rollouts) are in probes.py.
+comparison uses the same random numbers, so m = 0 reproduces the unperturbed dream exactly. The dreams are
+computed in dreams.py; the measures (probes, rank correlations with bootstrap CIs, real-env rollouts) are in
+probes.py.
 """
 
 from __future__ import annotations
@@ -34,77 +35,14 @@ import tyro
 import envs
 import figures
 from checkpoint import load_agent, resolve_device
-from dali import Agent, sequence_context
-from layers import symexp
+from dali import Agent
+from dreams import ctx_sigma, dream, inferred_context, shift_deltas
 from probes import bootstrap_rank_corr, correlations, implied_gravity, probe_table, real_rollout
 from rollout import Episodes, record
 
 MIN_GRAVITY = 0.1  # m/s^2: a read-out below this (or negative) is run at this gravity in the real env
 BALL_Z_VELOCITY = 7  # ball_in_cup features: qpos (cup x, cup z, ball x, ball z), then qvel in that order
 OBS_NAMES = {"ball_in_cup": ["cup x", "cup z", "ball x", "ball z", "cup vx", "cup vz", "ball vx", "ball vz"]}
-
-# ----------------------------------------------------------------------------------------------------
-# The inferred contexts of recorded episodes (rollout.record)
-# ----------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def inferred_context(agent: Agent, ep: Episodes, device) -> torch.Tensor:
-    """ctx_t at every step, as when acting (a test asserts the two agree): (E, T, X)."""
-    x = ep.x.to(device)
-    tokens = x.float() if agent.spaces.image is None else agent.wm.encoder(x)
-    ctx, _ = agent.ctx_encoder.segment(tokens, ep.action.to(device), ep.is_first.to(device))
-    return ctx
-
-
-def ctx_sigma(ctx: torch.Tensor, start: int) -> torch.Tensor:
-    """sigma_d: the std of each ctx dimension over all windows (steps >= start) of all episodes: (X,)."""
-    return ctx[:, start:].flatten(0, 1).std(0)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Counterfactual dreams
-# ----------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def dream(agent: Agent, ep: Episodes, ctx: torch.Tensor, index: torch.Tensor, start: int, horizon: int, actions: torch.Tensor,
-          deltas: torch.Tensor, seed: int, decode_shifted: bool = False) -> torch.Tensor:  # fmt: skip
-    """For every ctx change in `deltas` (M, X): filter episodes `index` (N,) up to step `start` with ctx + delta,
-    then imagine `horizon` steps with `actions` (N, H, A) (a_t for t = start .. start+H-1), with ctx + delta
-    in the sequence model in deep mode. The decoder of a deep agent reads ctx directly, so by default it
-    decodes with the unshifted ctx: what changes in the dream then changed in the imagined dynamics, not in
-    the decoder's input (`decode_shifted` decodes with ctx + delta). Every delta reuses the same random
-    numbers (seed), so a zero delta reproduces the unperturbed dream exactly.
-    Returns the decoded observations (M, N, H + 1, ...): features in env units, or images in [0, 1]."""
-    return torch.stack([_dream_one(agent, ep, ctx, index, start, horizon, actions, delta, seed, decode_shifted) for delta in deltas])
-
-
-def _dream_one(agent: Agent, ep: Episodes, ctx, index, start, horizon, actions, delta, seed, decode_shifted) -> torch.Tensor:
-    torch.manual_seed(seed)  # common random numbers across counterfactuals
-    wm, device = agent.wm, ctx.device
-    x = ep.x[index, : start + 1].to(device)
-    shifted = ctx[index, : start + 1] + delta  # (N, start+1, X)
-    embed = wm.encoder(x.float() if agent.spaces.image is None else x)
-    deep, post_ctx = agent.ctx_deep > 0, agent.ctx_post > 0
-    is_first = ep.is_first[index, : start + 1].to(device)
-    seq_ctx = sequence_context(shifted, is_first) if deep else None  # ctx_{t-1} into h_t, as in training
-    post, _ = wm.rssm.observe(embed, ep.action[index, : start + 1].to(device), is_first, ctx_seq=seq_ctx, ctx_post=shifted if post_ctx else None)
-    state = {k: v[:, -1] for k, v in post.items()}
-    step_ctx = shifted[:, -1] if deep else None  # held for the whole dream, as in WorldModel.imagine
-    decode_ctx = None if not deep else (step_ctx if decode_shifted else ctx[index, start])
-    feats = [wm.feat(state, decode_ctx)]
-    for t in range(horizon):
-        state = wm.rssm.img_step(state, actions[:, t].to(device), step_ctx)
-        feats.append(wm.feat(state, decode_ctx))
-    feat = torch.stack(feats, 1)  # (N, H+1, F)
-    decoder = wm.decoder
-    if agent.spaces.image is None:
-        return symexp(decoder.net(feat)[..., : agent.spaces.obs])
-    N, L = feat.shape[:2]
-    img = decoder.net(decoder.inp(feat).reshape(N * L, -1, decoder.minres, decoder.minres))
-    return (img.permute(0, 2, 3, 1).reshape(N, L, *agent.spaces.image) + 0.5).clamp(0, 1)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Commands
@@ -276,13 +214,6 @@ def _shift_setup(cmd, args, ep, ctx, first, feature: str, dim: int):
     return dim, ctx_sigma(ctx, first)
 
 
-def _deltas(shifts, dim: int, sigma: torch.Tensor, X: int) -> torch.Tensor:
-    """(M, X): m sigma_d on dimension d, zero elsewhere, one row per shift m."""
-    deltas = torch.zeros(len(shifts), X, device=sigma.device)
-    deltas[:, dim] = torch.tensor(shifts, device=sigma.device) * sigma[dim]
-    return deltas
-
-
 def _actions(cmd, ep: Episodes, index: torch.Tensor) -> torch.Tensor:
     """(N, H, A): a_t for t = start .. start + H - 1 (stored at t + 1), or zeros."""
     if cmd.actions == "zero":
@@ -294,7 +225,7 @@ def dream_main(cmd: Dream) -> dict:
     agent, args, device, ep, ctx, first = load(cmd)
     dim, sigma = _shift_setup(cmd, args, ep, ctx, first, cmd.feature, cmd.dim)
     index = torch.tensor([cmd.context_index])
-    deltas = _deltas(cmd.shifts, dim, sigma, ctx.shape[-1])
+    deltas = shift_deltas(cmd.shifts, dim, sigma, ctx.shape[-1])
     decoded = dream(agent, ep, ctx, index, cmd.start, cmd.horizon, _actions(cmd, ep, index), deltas, cmd.seed, cmd.decode_shifted)[:, 0].cpu().numpy()
     prefix = out_path(cmd, cmd.out, "dream")
     real = ep.x[cmd.context_index, cmd.start : cmd.start + cmd.horizon + 1].numpy()
@@ -322,7 +253,7 @@ def plausibility_main(cmd: Plausibility) -> dict:
     n_starts = len(ep.contexts) if cmd.starts <= 0 else min(cmd.starts, len(ep.contexts))
     chosen = torch.as_tensor(np.sort(rng.choice(len(ep.contexts), size=n_starts, replace=False)))
     M, N = len(cmd.shifts), len(chosen)
-    deltas = _deltas(cmd.shifts, dim, sigma, X)
+    deltas = shift_deltas(cmd.shifts, dim, sigma, X)
     actions = _actions(cmd, ep, chosen)  # (N, H, A)
     decoded = dream(agent, ep, ctx, chosen, cmd.start, cmd.horizon, actions, deltas, cmd.seed, cmd.decode_shifted).cpu().numpy()  # (M, N, H+1, O)
     env = envs.make_env(args.task, "features", None, 0, args.action_repeat)

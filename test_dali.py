@@ -1346,7 +1346,9 @@ def test_a_version_1_checkpoint_resumes_to_the_exact_state_the_old_code_reached(
     reference = json.loads((fixtures / "dali_s_v1_resumed.json").read_text())
     train.main(train.cli(["--logdir", str(tmp_path), "--resume", "--steps", str(reference["steps"][1])]))
     digest = checkpoint.state_digest(checkpoint.load_checkpoint(tmp_path))
-    assert digest.keys() == reference["digest"].keys()
+    added = {k for k in digest.keys() - reference["digest"].keys() if k.startswith("acting.")}  # the mid-episode acting state, newer
+    assert added and digest.keys() - added == reference["digest"].keys()
+    digest = {k: v for k, v in digest.items() if k not in added}
     assert digest["counters.updates"] == reference["digest"]["counters.updates"]
     platform = (torch.__version__, torch.backends.cpu.get_cpu_capability())
     if platform != (reference["torch"], reference["cpu"]):
@@ -1956,6 +1958,7 @@ def test_aggregate_rejects_bad_results_files(tiny_dali_run, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 import counterfactual  # noqa: E402
+import dreams  # noqa: E402
 import probes  # noqa: E402
 import rollout  # noqa: E402
 
@@ -1966,18 +1969,18 @@ def test_counterfactual_sigma_positive_and_m_zero_reproduces_the_dream(tiny_dali
     args, agent, _ = checkpoint.load_agent(tiny_dali_run)
     jobs = [(c, 7 + i) for i, (c, _) in enumerate(envs.eval_contexts("ball_in_cup", "single_0"))]
     ep = rollout.record(agent, "ball_in_cup", "features", args.action_repeat, jobs, 15, "cpu")
-    ctx = counterfactual.inferred_context(agent, ep, "cpu")
-    sigma = counterfactual.ctx_sigma(ctx, 6)
+    ctx = dreams.inferred_context(agent, ep, "cpu")
+    sigma = dreams.ctx_sigma(ctx, 6)
     assert (sigma > 0).all(), sigma  # windows from many contexts differ in every dimension
     index, actions = torch.tensor([3, 5]), ep.action[[3, 5], 9:15]
-    deltas = counterfactual._deltas([0.0, 1.0, -2.0], 2, sigma, ctx.shape[-1])
-    base = counterfactual.dream(agent, ep, ctx, index, 8, 6, actions, torch.zeros(1, ctx.shape[-1]), seed=0)
-    shifted = counterfactual.dream(agent, ep, ctx, index, 8, 6, actions, deltas, seed=0)
+    deltas = dreams.shift_deltas([0.0, 1.0, -2.0], 2, sigma, ctx.shape[-1])
+    base = dreams.dream(agent, ep, ctx, index, 8, 6, actions, torch.zeros(1, ctx.shape[-1]), seed=0)
+    shifted = dreams.dream(agent, ep, ctx, index, 8, 6, actions, deltas, seed=0)
     assert shifted.shape == (3, 2, 7, 8)
     assert torch.equal(shifted[0], base[0])  # m = 0: the unperturbed dream, exactly
     for m in (1, 2):  # decoded with the unshifted ctx: the change came through the imagined dynamics
         assert not torch.allclose(shifted[m], base[0], atol=1e-4)
-    through_decoder = counterfactual.dream(agent, ep, ctx, index, 8, 6, actions, deltas, seed=0, decode_shifted=True)
+    through_decoder = dreams.dream(agent, ep, ctx, index, 8, 6, actions, deltas, seed=0, decode_shifted=True)
     assert torch.equal(through_decoder[0], base[0]) and not torch.allclose(through_decoder[1], shifted[1])
 
 
