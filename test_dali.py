@@ -805,7 +805,7 @@ def test_head_targets_and_encoder_input_are_the_papers_at_the_same_step(case):
 
 def test_actor_distribution_is_normal_tanh_mu_and_bounded_sigma():
     """DreamerV3 App. B: pi(a | s) = Normal(tanh(mu), 0.9 sigmoid(x + 2) + 0.1), written out; the acting mode is
-    tanh(mu), and imagination's entropy is this Normal's."""
+    tanh(mu), and the entropy H[pi] of the actor loss is this Normal's."""
     torch.manual_seed(0)
     agent = _agent()
     actor = agent.ac.actor
@@ -824,8 +824,6 @@ def test_actor_distribution_is_normal_tanh_mu_and_bounded_sigma():
         b = _batch(B=5, T=1)
         action, _ = agent.act({"obs": b["obs"][:, 0], "is_first": b["is_first"][:, 0]}, agent.initial_state(5), sample=False)
         torch.testing.assert_close(action, torch.tanh(mu))
-    assert float(0.9 * torch.sigmoid(torch.tensor(-1e3 + 2)) + 0.1) == pytest.approx(0.1)  # sigma's floor and ceiling
-    assert float(0.9 * torch.sigmoid(torch.tensor(1e3 + 2)) + 0.1) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("context, integration", [("none", "shallow"), ("oracle", "shallow"), ("oracle", "deep"), ("learned", "shallow"), ("learned", "deep")])
