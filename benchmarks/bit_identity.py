@@ -4,7 +4,7 @@ random streams), for a restructuring that must not change a single number.
 
     python benchmarks/bit_identity.py                          # against 44a2cd4: Dreamer-DR, DALI-S, cRSSM-S
     python benchmarks/bit_identity.py --commit HEAD~3 --methods dali_s
-    python benchmarks/bit_identity.py --flags "--size cpu --envs 2 --action-repeat 10 --prefill 1000 --replay-capacity 100000"
+    python benchmarks/bit_identity.py --flags="--task ball_in_cup --contexts single_0 --envs 2 --action-repeat 10 --prefill 1000 --eval-every 0 --no-progress" --steps 4000 6000
     python benchmarks/bit_identity.py --write-fixture          # regenerate fixtures/dali_s_v1.pt and its reference
 
 The older commit is exported with `git archive` into a temporary folder (no worktree, no change to the
@@ -61,7 +61,7 @@ class Args:
     methods: tuple[str, ...] = tuple(METHODS)
     """Methods to run: dreamer_dr, dali_s, crssm_s."""
     flags: str = TINY
-    """train.py flags shared by every run (task, sizes, budget); --steps and --logdir are added."""
+    """train.py flags shared by every run (task, sizes, budget; write --flags="..."); --steps and --logdir are added."""
     steps: tuple[int, int] = (2000, 4000)
     """Env steps of the checkpoint both versions start from, and of the resumed runs' end."""
     write_fixture: bool = False
