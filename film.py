@@ -5,7 +5,7 @@ high gravity, or a ball_in_cup agent catching in low and high gravity).
     python film.py --checkpoint runs/default --contexts gravity=2.45 gravity=9.81 gravity=17.64
     python film.py --checkpoint pretrained/ball_in_cup_dali_d.pt --contexts gravity=2.45 gravity=17.64 --out cup.gif
 
-Each panel is one episode from a fresh agent state (rollout.play), filmed by the env's camera 0: feature
+Each panel is one episode from a fresh agent state (rollout.play), filmed by the task's film camera: feature
 agents in MuJoCo's default look, pixel agents in the cheap look they were trained on. The GIF plays in real
 time and labels each panel with its context and return. Rendering uses MUJOCO_GL=egl (envs.py).
 
@@ -48,10 +48,17 @@ class Args:
     """Reset seed of the first panel's episode (the others: seed + 1, ...) and of the policy's samples."""
     mode: Literal["sample", "mode"] = "sample"
     """Actions sampled from the policy, or its mode."""
+    camera: int = -1
+    """MuJoCo camera id; -1: the task's film camera (FILM_CAMERA)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: cuda when available."""
     threads: int = 1
     """torch CPU threads."""
+
+
+FILM_CAMERA = {"ball_in_cup": 1}
+"""Camera per task when --camera is -1, else camera 0. ball_in_cup's camera 0 looks down from above and cuts
+off the top of the cup's range, where trained agents hold the caught ball; its camera 1 looks level."""
 
 
 def parse_context(task: str, text: str) -> dict[str, float]:
@@ -82,17 +89,18 @@ def film(
     sample: bool = True,
     size: int = 128,
     every: int = 1,
+    camera: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One episode per context in lockstep, filmed every `every` policy steps: frames (T, N, S, S, 3) uint8
     and the returns (N,)."""
     vec = envs.VectorEnv([envs.make_env(task, obs, [c], seed + i, action_repeat) for i, c in enumerate(contexts)])
-    cameras = [Camera(env.physics, height=size, width=size, camera_id=0) for env in vec.envs]
+    cameras = [Camera(env.physics, height=size, width=size, camera_id=camera) for env in vec.envs]
     frames: list[np.ndarray] = []
     seen = [0]
 
     def shoot() -> None:
         if seen[0] % every == 0:
-            frames.append(np.stack([camera.render().copy() for camera in cameras]))  # render() reuses its buffer
+            frames.append(np.stack([cam.render().copy() for cam in cameras]))  # render() reuses its buffer
         seen[0] += 1
 
     returns = play(agent, vec, sample, device, shoot)
@@ -128,9 +136,13 @@ def main(args: Args) -> Path:
     train_args, agent, _ = load_agent(path, device)
     contexts = [parse_context(train_args.task, text) for text in args.contexts]
     out = writable_output(Path(args.out) if args.out else path.parent / "video.gif")
+    camera = FILM_CAMERA.get(train_args.task, 0) if args.camera == -1 else args.camera
+    n_cameras = envs.make_env(train_args.task).physics.model.ncam
+    if not 0 <= camera < n_cameras:
+        raise SystemExit(f"error: --camera {args.camera}: {train_args.task} has cameras 0 to {n_cameras - 1} (-1: its default)")
     torch.manual_seed(args.seed)
     frames, returns = film(agent, train_args.task, train_args.obs, train_args.action_repeat, contexts, args.seed, device,
-                           args.mode == "sample", args.size, args.every)  # fmt: skip
+                           args.mode == "sample", args.size, args.every, camera)  # fmt: skip
     varied = [n for n in contexts[0] if len({c[n] for c in contexts}) > 1] or list(contexts[0])[:1]
     labels = [", ".join(f"{n} {c[n]:g}" for n in varied) + f": {r:.0f}" for c, r in zip(contexts, returns)]
     seconds_per_frame = envs.make_env(train_args.task).control_timestep * train_args.action_repeat * args.every

@@ -1883,6 +1883,8 @@ def test_film_shows_each_context_side_by_side_in_real_time_and_rejects_bad_conte
                          ("gravity=abc", "'abc' is not a number")]:  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             film.main(film.Args(checkpoint=str(tiny_dali_run), contexts=(bad,), out=str(tmp_path / "x.gif")))
+    with pytest.raises(SystemExit, match="--camera 2: ball_in_cup has cameras 0 to 1"):
+        film.main(film.Args(checkpoint=str(tiny_dali_run), camera=2, out=str(tmp_path / "x.gif")))
 
 
 def test_a_pretrained_agent_is_small_acts_as_the_run_did_and_bad_files_fail_clearly(tiny_dali_run, tmp_path):
