@@ -28,6 +28,7 @@ import tyro
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from evaluate import method_name  # noqa: E402
 from figures import _pyplot  # noqa: E402
 
 
@@ -47,6 +48,14 @@ def run_dirs(study: Path) -> list[Path]:
     return sorted(p for p in study.iterdir() if (p / "train").is_dir())
 
 
+def run_label(run: Path) -> str:
+    """METHOD_sSEED from the run's own configuration, not its directory's name: stages in separate
+    directories may reuse a directory name (DALI-S_s0 trained with --ctx.cross-weight 1 is DALI-S-chi_s0)."""
+    args = json.loads((run / "train" / "args.json").read_text())
+    agent = args["agent"]
+    return f"{method_name(agent['context'], agent['integration'], args['ctx']['cross_weight'])}_s{args['seed']}"
+
+
 def curve(run: Path) -> dict:
     """Evaluation returns, updates and hours of a run, from its metrics.jsonl."""
     rows = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -64,10 +73,13 @@ def main(args: Args) -> None:
     runs = [run for s in args.studies for run in run_dirs(Path(s).expanduser())]
     curves, files = {}, []
     for run in runs:
-        curves[run.name] = curve(run)
+        label = run_label(run)
+        if label in curves:
+            raise SystemExit(f"error: two runs are {label}: {run} and another study directory")
+        curves[label] = curve(run)
         results = list(run.glob("zeroshot_*.jsonl"))
         if (run / "done").exists() and results:
-            files.append(out / "runs" / f"{run.name}.jsonl")
+            files.append(out / "runs" / f"{label}.jsonl")
             shutil.copyfile(results[0], files[-1])
     (out / "curves.json").write_text(json.dumps(curves, indent=1))
     lines = ["| run | env steps | updates | hours | updates per hour | status |", "|---|---|---|---|---|---|"]
