@@ -116,6 +116,10 @@ MACHINERY = [
     ("evaluate.py", "        path.parent.mkdir(parents=True, exist_ok=True)", "        pass", "output folders not created", "grid_evaluation"),
     ("world_model.py", "        require_finite({f\"wm/{k}\": v.mean() for k, v in losses.items()})\n", "", "a non-finite world-model loss is trained on", "non_finite"),
     ("rollout.py", "agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state, sample=sample, context=oracle)", "agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, getattr(agent, 'carried', state), sample=sample, context=oracle); agent.carried = state", "evaluation carries the agent state across batches", "fresh_agent_state"),
+    ("film.py", "* train_args.action_repeat * args.every", "* train_args.action_repeat", "a film with --every n plays n times too fast", "film"),
+    ("checkpoint.py", "\"agent\": agent, \"counters\"", "\"agent\": agent, \"optimizers\": ckpt[\"optimizers\"], \"counters\"", "export keeps the optimisers' state", "pretrained"),
+    ("checkpoint.py", "        agent.load_state_dict(ckpt[\"agent\"])", "        agent.load_state_dict({k: v for k, v in ckpt[\"agent\"].items() if not k.startswith(\"wm.\")}, strict=False)",
+     "the world model's weights are not loaded", "shipped"),
 ]
 
 # The second half of "previous action not zeroed" (the sequence loop), applied together with the first.
