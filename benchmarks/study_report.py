@@ -9,6 +9,8 @@ writes, under --out:
     learning_curves.png            evaluation return against env steps, one line per run
     zeroshot_R1000.{json,txt,png}, zeroshot_R1000_contexts.png         scores R / 1000
     zeroshot_per_context.{json,txt,png}, zeroshot_per_context_contexts.png   (R - random_c) / (expert_c - random_c)
+    probe_<method>_s<seed>.json, probes.md   what ctx knows: counterfactual.py probe of each finished
+                                   learned-context run on its own policy data (made once, then kept)
 
 Runs still training appear in the curves and the cost table (marked), not in the aggregates. Run by hand:
 
@@ -42,6 +44,10 @@ class Args:
     """Output folder."""
     reps: int = 2000
     """Bootstrap resamples."""
+    probe_episodes: int = 5
+    """Policy episodes per grid context recorded for each probe."""
+    probe_steps: int = 200
+    """Policy steps per probe episode."""
 
 
 def run_dirs(study: Path) -> list[Path]:
@@ -65,6 +71,34 @@ def curve(run: Path) -> dict:
         "steps": [s for s, _ in evals], "return": [v for _, v in evals], "env_steps": rows[-1]["step"] if rows else 0,
         "updates": int(last.get("perf/updates", 0)), "hours": float(last.get("perf/hours", 0.0)), "done": (run / "done").exists(),
     }  # fmt: skip
+
+
+def probes(runs: list[Path], out: Path, args: Args) -> None:
+    """counterfactual.py probe of every finished learned-context run (a probe already in `out` is kept),
+    and a table of the held-out R^2 of each factor, over the grid and inside the training range."""
+    rows = []
+    for run in runs:
+        train_args = json.loads((run / "train" / "args.json").read_text())
+        if train_args["agent"]["context"] != "learned" or not (run / "done").exists():
+            continue
+        path = out / f"probe_{run_label(run)}.json"
+        if not path.exists():
+            cmd = [sys.executable, str(REPO / "counterfactual.py"), "probe", "--checkpoint", str(run / "train" / "ckpt.pt"), "--episodes",
+                   str(args.probe_episodes), "--steps", str(args.probe_steps), "--out", str(path)]  # fmt: skip
+            subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+        table = json.loads(path.read_text())
+        for f in table["features"]:
+            if table["r2_linear"].get(f) is not None:
+                inside = (table.get("r2_linear_train_range") or {}).get(f)
+                best = table["best_dim"][f]
+                rows.append(f"| {run_label(run)} | {f} | {table['r2_linear'][f]:.3f} | {'-' if inside is None else f'{inside:.3f}'} "
+                            f"| ctx[{best}]: {table['corr'][best][table['features'].index(f)]:.2f} |")  # fmt: skip
+    if rows:
+        head = [f"Probes: `counterfactual.py probe --episodes {args.probe_episodes} --steps {args.probe_steps}` on each run's final agent; "
+                "a linear probe fit on every other grid context (in grid order) and tested on the rest.", "",
+                "| run | factor | R^2, grid | R^2, inside the training range | best dimension: correlation |", "|---|---|---|---|---|"]  # fmt: skip
+        (out / "probes.md").write_text("\n".join(head + rows) + "\n")
+        print("\n".join(head + rows))
 
 
 def main(args: Args) -> None:
@@ -101,6 +135,7 @@ def main(args: Args) -> None:
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png", dpi=120)
     plt.close(fig)
+    probes(runs, out, args)
     if not files:
         print("no finished runs yet: no aggregate")
         return
