@@ -5,7 +5,8 @@
     L_FD  = || o_{t+1} - f(o_t, a_t, ctx_t) ||^2             eq. 3: trains g (and f), nothing else does
     L_cross (optional, "DALI-chi")                          ||[h_t; z_t] - sg(W ctx_t)||^2 trains the world model,
                                                             ||ctx_t - V sg([h_t; z_t])||^2 trains g (the release's
-                                                            two terms; W fixed, as there)
+                                                            two terms; W fixed, as there), weighed against L_FD
+                                                            per dimension as there (`context_objective`)
 
 Token j is the transition (o_j, a_j, o_{j+1}); it exists only if o_{j+1} is in the same episode as o_j.
 g is a one-layer transformer encoder over [CLS; window tokens] pooled at CLS: tokens -> linear ->
@@ -205,6 +206,14 @@ def cross_modal_context_loss(cross: CrossModal, ctx: torch.Tensor, state: torch.
     the model state, so ctx carries what the state knows; with the state stop-gradiented it trains g and V and
     never the world model. ctx (B, T, X), state (B, T, D + S*C) -> (B, T)."""
     return ((ctx - cross.state_to_ctx(state.detach())) ** 2).mean(-1)
+
+
+def context_objective(fd: torch.Tensor, cross: torch.Tensor, cross_weight: float, target_dims: int) -> torch.Tensor:
+    """g's objective with L_cross (DALI-chi): L_FD + lambda * O * L_cross's context term; scalars -> scalar.
+    L_FD sums its squared error over the O target dimensions (DreamerV3's convention for a decoder), the
+    release averages it over them, as both do the context term over X; the factor O keeps the release's
+    balance, lambda per dimension of each (its `loss_fd + lambda_cross * loss_cross`)."""
+    return fd + cross_weight * target_dims * cross
 
 
 class ContextWindow:

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from actor_critic import ActorCritic, ActorCriticConfig
-from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, CrossModal, cross_modal_context_loss, forward_dynamics_loss
+from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, CrossModal, context_objective, cross_modal_context_loss, forward_dynamics_loss
 from layers import require_finite
 from rssm import RSSMConfig
 from world_model import Spaces, WorldModel, WorldModelConfig
@@ -166,8 +166,8 @@ class Agent(nn.Module):
         return {k: v.detach() for k, v in metrics.items()}
 
     def update_context_encoder(self, batch: dict, pieces: dict, state: torch.Tensor) -> dict:
-        """DALI eq. 3: L_FD over the T training steps (each ctx_t with its full window), + lambda times L_cross's
-        context term towards the posterior model state [h_t; z_t] `state` (B, T, D + S*C); its state term is a
+        """DALI eq. 3: L_FD over the T training steps (each ctx_t with its full window), + lambda O times L_cross's
+        context term (`context_objective`) towards the posterior model state [h_t; z_t] `state` (B, T, D + S*C); its state term is a
         world-model loss (`WorldModel.loss`)."""
         P, x, ctx = self.context_prefix, pieces["x"], pieces["ctx"]
         # step t predicts o_{t+1} from (o_t, a_t, ctx_t); a_t is stored with record t+1
@@ -176,8 +176,8 @@ class Agent(nn.Module):
         metrics = {"ctx/fd_loss": loss.detach()}
         if self.cross is not None:
             cross = cross_modal_context_loss(self.cross, ctx[:, P:], state).mean()
-            loss = loss + self.ctx_cfg.cross_weight * cross
-            metrics["ctx/cross_loss"] = cross.detach()
+            loss = context_objective(loss, cross, self.ctx_cfg.cross_weight, x.shape[-1])
+            metrics["ctx/cross_loss"], metrics["ctx/loss"] = cross.detach(), loss.detach()
         require_finite({"ctx/fd_loss": metrics["ctx/fd_loss"], **({"ctx/cross_loss": metrics["ctx/cross_loss"]} if self.cross is not None else {})})
         self.ctx_opt.zero_grad(set_to_none=True)
         loss.backward()

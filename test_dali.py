@@ -1062,6 +1062,9 @@ def test_cross_modal_loss_has_two_terms_each_training_its_own_side(integration):
     W = [p.clone() for p in groups["W"]]
     metrics = [agent.update(batch) for _ in range(40)]
     assert all(torch.equal(a, b) for a, b in zip(W, groups["W"]))
+    m = metrics[-1]  # g's objective: L_FD (summed over the 8 observation dims) + lambda * 8 * the context term (its mean
+    # over X): the release's balance, where both are means over their dimensions
+    assert torch.allclose(m["ctx/loss"], m["ctx/fd_loss"] + 1.0 * 8 * m["ctx/cross_loss"])
     for key in ("ctx/cross_loss", "wm/cross"):
         assert float(metrics[-1][key]) < 0.7 * float(metrics[0][key]), key
 

@@ -50,6 +50,7 @@ ERRORS = [
     ("context_encoder.py", "    return ((ctx - cross.state_to_ctx(state.detach())) ** 2).mean(-1)", "    return ((ctx - cross.state_to_ctx(state)) ** 2).mean(-1)", "L_cross's context term trains the world model"),
     ("context_encoder.py", "    return ((state - cross.ctx_to_state(ctx.detach()).detach()) ** 2).mean(-1)", "    return ((state.detach() - cross.ctx_to_state(ctx.detach()).detach()) ** 2).mean(-1)", "L_cross's state term never trains the world model"),
     ("dali.py", "        cross_scale = ctx_cfg.cross_weight if learned else 0.0", "        cross_scale = 0.0", "L_cross's state term left out of the world model's loss"),
+    ("context_encoder.py", "    return fd + cross_weight * target_dims * cross", "    return fd + cross_weight * cross", "L_cross's context term at 1/O of the release's weight against L_FD"),
     ("rssm.py", "    dyn = kl(post_logits.detach(), prior_logits)", "    dyn = kl(post_logits, prior_logits)", "dynamics KL without its stop-gradient"),
     ("rssm.py", "    return torch.clamp(dyn, min=free), torch.clamp(rep, min=free)", "    return dyn, torch.clamp(rep, min=free)", "free bits dropped from the dynamics KL"),
     # World-model targets and inputs, the actor's distribution, and what imagination feeds (added with the split)
