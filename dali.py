@@ -8,7 +8,8 @@ where ctx comes from and where it goes, trains the context encoder (context_enco
 
     --context   learned: ctx from the context encoder   oracle: the true, normalised context (the cRSSM
                 baselines)   none: context-unaware (Dreamer-DR)
-    --integration shallow: learned -> the posterior q(z_t | h_t, x_t, ctx_t) only (DALI-S); oracle -> the
+    --integration shallow: learned -> the posterior q(z_t | h_t, x_t, ctx_t) only (DALI-S, as the paper
+                writes it; the authors' release also feeds ctx to the sequence model); oracle -> the
                 encoder input, reconstructed by the decoder (cRSSM-S)
                 deep: the sequence model reads ctx_{t-1}; decoder, reward, continue, actor and critic read
                 ctx_t; the posterior reads none (DALI-D, cRSSM-D, as in the authors' configuration)
