@@ -125,9 +125,11 @@ def main(args: Args) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     methods = sorted({name.rsplit("_s", 1)[0] for name in curves})
+    styles = ["-", "--", ":", "-."]  # one per seed, one colour per method
     for name, c in curves.items():
-        color = plt.cm.tab10(methods.index(name.rsplit("_s", 1)[0]))
-        ax.plot([s / 1000 for s in c["steps"]], c["return"], color=color, marker="o", ms=2, lw=1, label=name)
+        method, seed = name.rsplit("_s", 1)
+        ax.plot([s / 1000 for s in c["steps"]], c["return"], color=plt.cm.tab10(methods.index(method)), ls=styles[int(seed) % len(styles)],
+                marker="o", ms=2, lw=1, label=name)  # fmt: skip
     ax.set_xlabel("env steps (thousands)")
     ax.set_ylabel("evaluation return (training contexts)")
     ax.grid(alpha=0.3)
