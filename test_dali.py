@@ -1930,6 +1930,23 @@ def _shipped_agents() -> list:
     return sorted((Path(__file__).parent / "pretrained").glob("*.pt"))
 
 
+def test_gitignore_keeps_runs_out_and_result_files_and_shipped_agents_in():
+    """Result files of studies (docs/results/**, runs/ folders included) and shipped agents are committed;
+    runs, checkpoints and logs are not. (A bare `runs/` pattern once hid docs/results/*/runs/ from git.)"""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).parent
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = {"docs/results/s/runs/DALI-S_s0.jsonl": False, "docs/results/reference.json": False, "pretrained/a.pt": False,
+             "fixtures/a.pt": False, "runs/default/ckpt.pt": True, "runs/x/metrics.jsonl": True, "a/ckpt.pt": True,
+             "x/events.out.tfevents.1": True}  # fmt: skip
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True).stdout.split()
+    assert {p: p in out for p in paths} == paths
+
+
 def test_the_pretrained_folder_lists_exactly_its_files():
     """pretrained/agents.json has an entry, with its command, commit and check, for each shipped file and no other."""
     import json
