@@ -37,6 +37,7 @@ import figures
 from checkpoint import load_agent, resolve_device
 from dali import Agent
 from dreams import ctx_sigma, dream, inferred_context, shift_deltas
+from evaluate import writable_output
 from probes import bootstrap_rank_corr, correlations, implied_gravity, probe_table, real_rollout
 from rollout import Episodes, record
 
@@ -157,10 +158,12 @@ def load(src: Source) -> tuple:
 
 
 def out_path(src: Source, given: str, name: str) -> Path:
-    return Path(given) if given else Path(src.checkpoint).parent / name
+    """--out, or NAME next to the checkpoint; its folder is created and checked writable before any work."""
+    return writable_output(Path(given) if given else Path(src.checkpoint).parent / name)
 
 
 def probe_main(cmd: Probe) -> dict:
+    path = out_path(cmd, cmd.out, "probe.json")
     agent, args, _, ep, ctx, first = load(cmd)
     names = list(envs.task_features(args.task))
     probe_steps = ctx[:, first :: max(1, (cmd.steps - first) // 16)].cpu().numpy()  # (E, P, X), ~16 per episode
@@ -178,7 +181,6 @@ def probe_main(cmd: Probe) -> dict:
         print("held-out linear probe R^2, inside the training range: "
               + ", ".join(f"{n} {v:.3f}" for n, v in table["r2_linear_train_range"].items() if v is not None))  # fmt: skip
     print("best dimension: " + ", ".join(f"{n} -> ctx[{d}]" for n, d in table["best_dim"].items()))
-    path = out_path(cmd, cmd.out, "probe.json")
     path.write_text(json.dumps(table, indent=1))
     print(f"wrote {path}")
     return table
@@ -222,12 +224,12 @@ def _actions(cmd, ep: Episodes, index: torch.Tensor) -> torch.Tensor:
 
 
 def dream_main(cmd: Dream) -> dict:
+    prefix = out_path(cmd, cmd.out, "dream")
     agent, args, device, ep, ctx, first = load(cmd)
     dim, sigma = _shift_setup(cmd, args, ep, ctx, first, cmd.feature, cmd.dim)
     index = torch.tensor([cmd.context_index])
     deltas = shift_deltas(cmd.shifts, dim, sigma, ctx.shape[-1])
     decoded = dream(agent, ep, ctx, index, cmd.start, cmd.horizon, _actions(cmd, ep, index), deltas, cmd.seed, cmd.decode_shifted)[:, 0].cpu().numpy()
-    prefix = out_path(cmd, cmd.out, "dream")
     real = ep.x[cmd.context_index, cmd.start : cmd.start + cmd.horizon + 1].numpy()
     title = f"{args.task} {ep.contexts[cmd.context_index]}: ctx[{dim}] + m sigma ({cmd.actions} actions)"
     if agent.spaces.image is None:
@@ -239,6 +241,7 @@ def dream_main(cmd: Dream) -> dict:
 
 
 def plausibility_main(cmd: Plausibility) -> dict:
+    path = out_path(cmd, cmd.out, "plausibility.json")
     agent, args, device, ep, ctx, first = load(cmd)
     if args.task != "ball_in_cup" or args.obs != "features":
         raise SystemExit(f"error: plausibility measures the ball's acceleration: it needs ball_in_cup with features, not {args.task} {args.obs}")
@@ -286,7 +289,6 @@ def plausibility_main(cmd: Plausibility) -> dict:
     print(f"rank correlation with the gravity read (95% CI over start states): ball acceleration in the dream {fmt('imagined')}; "
           f"gravity the dream looks like {fmt('implied')} (plausible: near 1). In the real env {fmt('real')}: a check of "
           "the physics and the read-out, not evidence about the model.")  # fmt: skip
-    path = out_path(cmd, cmd.out, "plausibility.json")
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     return result

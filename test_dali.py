@@ -2046,8 +2046,8 @@ def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path, monkeypa
     assert "gravity" in table["r2_linear_train_range"]  # the probe inside the training range, besides the whole grid
     assert len(table["corr"]) == 8 and len(table["sigma"]) == 8
     out = counterfactual.main(["dream", "--checkpoint", str(tiny_dali_run), "--start", "8", "--horizon", "6", "--shifts", "-1", "0", "1",
-                               "--out", str(tmp_path / "dream"), *CF_FLAGS])  # fmt: skip
-    assert out["decoded"].shape == (3, 7, 8) and (tmp_path / "dream.png").stat().st_size > 10_000
+                               "--out", str(tmp_path / "new" / "dream"), *CF_FLAGS])  # fmt: skip
+    assert out["decoded"].shape == (3, 7, 8) and (tmp_path / "new" / "dream.png").stat().st_size > 10_000  # folders created
     res = counterfactual.main(["plausibility", "--checkpoint", str(tiny_dali_run), "--start", "8", "--horizon", "6", "--starts", "3",
                                "--out", str(tmp_path / "p.json"), *CF_FLAGS])  # fmt: skip
     assert len(res["imagined_acceleration"]) == len(res["real_acceleration"]) == len(res["implied_gravity"]) == 5
@@ -2067,6 +2067,10 @@ def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path, monkeypa
         counterfactual.main(["dream", "--checkpoint", str(tiny_dali_run), "--feature", "friction", "--start", "8", "--horizon", "6", *CF_FLAGS])
     with pytest.raises(SystemExit, match=r"--dim 99 outside the 8 ctx dimensions"):
         counterfactual.main(["dream", "--checkpoint", str(tiny_dali_run), "--dim", "99", "--start", "8", "--horizon", "6", *CF_FLAGS])
+    (tmp_path / "file").write_text("")
+    for command in ("probe", "dream", "plausibility"):  # an output that cannot be written fails before the work, not after
+        with pytest.raises(SystemExit, match="cannot write .*file/x"):
+            counterfactual.main([command, "--checkpoint", str(tiny_dali_run), "--out", str(tmp_path / "file" / "x"), *CF_FLAGS])
 
 
 def test_dream_gif_has_one_frame_per_step_with_real_and_counterfactuals_side_by_side(tmp_path):

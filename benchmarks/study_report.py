@@ -11,6 +11,9 @@ writes, under --out:
     zeroshot_per_context.{json,txt,png}, zeroshot_per_context_contexts.png   (R - random_c) / (expert_c - random_c)
     probe_<method>_s<seed>.json, probes.md   what ctx knows: counterfactual.py probe of each finished
                                    learned-context run on its own policy data (made once, then kept)
+    dream_<method>_s<seed>.png, plausibility_<method>_s<seed>.{json,txt}   of each finished deep
+                                   learned-context run (DALI-D): a counterfactual dream and its physical
+                                   plausibility with 95% bootstrap CIs (made once, then kept)
 
 Runs still training appear in the curves and the cost table (marked), not in the aggregates. Run by hand:
 
@@ -48,6 +51,8 @@ class Args:
     """Policy episodes per grid context recorded for each probe."""
     probe_steps: int = 200
     """Policy steps per probe episode."""
+    plausibility_episodes: int = 3
+    """Policy episodes per grid context recorded for the plausibility measure (its start states)."""
 
 
 def run_dirs(study: Path) -> list[Path]:
@@ -73,19 +78,32 @@ def curve(run: Path) -> dict:
     }  # fmt: skip
 
 
+def counterfactual(command: str, checkpoint: str, *flags: str) -> str:
+    """Run `counterfactual.py COMMAND --checkpoint CHECKPOINT FLAGS`; its stdout."""
+    cmd = [sys.executable, str(REPO / "counterfactual.py"), command, "--checkpoint", checkpoint, *flags]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if done.returncode:
+        raise SystemExit(f"error: counterfactual.py {command} on {checkpoint} failed (status {done.returncode}):\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
 def probes(runs: list[Path], out: Path, args: Args) -> None:
-    """counterfactual.py probe of every finished learned-context run (a probe already in `out` is kept),
-    and a table of the held-out R^2 of each factor, over the grid and inside the training range."""
+    """counterfactual.py probe of every finished learned-context run, dream and plausibility of every deep
+    one (files already in `out` are kept), and a table of the probes' held-out R^2 of each factor, over the
+    grid and inside the training range."""
     rows = []
     for run in runs:
         train_args = json.loads((run / "train" / "args.json").read_text())
         if train_args["agent"]["context"] != "learned" or not (run / "done").exists():
             continue
-        path = out / f"probe_{run_label(run)}.json"
+        label, ckpt = run_label(run), str(run / "train" / "ckpt.pt")
+        path = out / f"probe_{label}.json"
         if not path.exists():
-            cmd = [sys.executable, str(REPO / "counterfactual.py"), "probe", "--checkpoint", str(run / "train" / "ckpt.pt"), "--episodes",
-                   str(args.probe_episodes), "--steps", str(args.probe_steps), "--out", str(path)]  # fmt: skip
-            subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
+            counterfactual("probe", ckpt, "--episodes", str(args.probe_episodes), "--steps", str(args.probe_steps), "--out", str(path))
+        if train_args["agent"]["integration"] == "deep" and not (out / f"plausibility_{label}.json").exists():
+            counterfactual("dream", ckpt, "--out", str(out / f"dream_{label}"))
+            text = counterfactual("plausibility", ckpt, "--episodes", str(args.plausibility_episodes), "--out", str(out / f"plausibility_{label}.json"))
+            (out / f"plausibility_{label}.txt").write_text(text)
         table = json.loads(path.read_text())
         for f in table["features"]:
             if table["r2_linear"].get(f) is not None:
