@@ -120,6 +120,8 @@ MACHINERY = [
     ("study_runs.py", "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n        except BlockingIOError:\n            os.close(fd)\n            return False",
      "            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)\n        except BlockingIOError:\n            os.close(fd)\n            return False",
      "two processes can take the same study run", "one_sweep_per_directory"),
+    ("counterfactual.py", "    return writable_output(Path(given) if given else Path(src.checkpoint).parent / name)",
+     "    return Path(given) if given else Path(src.checkpoint).parent / name", "counterfactual outputs unchecked until after the work", "counterfactual_subcommands"),
     ("film.py", "* train_args.action_repeat * args.every", "* train_args.action_repeat", "a film with --every n plays n times too fast", "film"),
     ("checkpoint.py", "\"agent\": agent, \"counters\"", "\"agent\": agent, \"optimizers\": ckpt[\"optimizers\"], \"counters\"", "export keeps the optimisers' state", "pretrained"),
     ("checkpoint.py", "        agent.load_state_dict(ckpt[\"agent\"])", "        agent.load_state_dict({k: v for k, v in ckpt[\"agent\"].items() if not k.startswith(\"wm.\")}, strict=False)",
