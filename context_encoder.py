@@ -3,10 +3,7 @@
     ctx_t = g(o_{t-K:t}, a_{t-K:t-1})                       the context vector, inferred from the K most
                                                             recent transitions of the current episode
     L_FD  = || o_{t+1} - f(o_t, a_t, ctx_t) ||^2             eq. 3: trains g (and f), nothing else does
-    L_cross (optional, "DALI-chi")                          ||[h_t; z_t] - sg(W ctx_t)||^2 trains the world model,
-                                                            ||ctx_t - V sg([h_t; z_t])||^2 trains g (the release's
-                                                            two terms; W fixed, as there), weighed against L_FD
-                                                            per dimension as there (`context_objective`)
+    L_cross (optional, "DALI-chi")                          aligns ctx_t with the world model's state: cross_modal.py
 
 Token j is the transition (o_j, a_j, o_{j+1}); it exists only if o_{j+1} is in the same episode as o_j.
 g is a one-layer transformer encoder over [CLS; window tokens] pooled at CLS: tokens -> linear ->
@@ -22,13 +19,6 @@ Why CLS pooling and not the output at the newest token: that output carries the 
 through the residual path, so ctx would vary step by step with the state. Measured on ball_in_cup random-
 policy data, 100 s of training: linear probe R^2 for gravity 0.52 (newest-token readout), 0.96 (CLS
 pooling); 0.88 without the token MLP (benchmarks/context_probe.py has the current numbers).
-
-L_cross aligns ctx_t with [h_t; z_t], the world model's posterior state, as the release does (the paper's
-text describes z_t alone): the DALI-chi numbers the paper reports come from the release's code, and h_t is
-where the RSSM keeps what it has inferred over the episode. One difference remains: the release computes its
-state in a loop of its own, one step from the stop-gradiented previous state, so the state term's gradient
-reaches one GRU step back; here it is the training posterior, and the gradient runs through the unrolled
-sequence like the world model's own losses.
 
 Features: tokens are [symlog o_j, a_j, symlog o_{j+1}, symlog(o_{j+1} - o_j)]; f's targets are symlog
 o_{t+1}. Pixels: o is the world model's embedding, detached (targets too).
@@ -178,42 +168,6 @@ def forward_dynamics_loss(encoder: ContextEncoder, obs, next_obs, action, ctx, v
     target = symlog(next_obs) if encoder.features else next_obs.detach()
     error = ((encoder.predict_next(obs, action, ctx) - target) ** 2).sum(-1)
     return error * valid.to(error.dtype)
-
-
-class CrossModal(nn.Module):
-    """The two linear maps of L_cross (DALI's "-chi" variants; the release's `reconstruct_wm_state_loss`).
-
-    W, `ctx_to_state`: ctx_t -> the model state [h_t; z_t]. The release only ever uses W ctx under a
-    stop-gradient, so W never trains there and stays at its random initialisation: a fixed random projection,
-    here frozen outright (no gradient, in no optimiser). V, `state_to_ctx`: [h_t; z_t] -> ctx_t, trained with g.
-    """
-
-    def __init__(self, ctx: int, state: int):
-        super().__init__()
-        self.ctx_to_state = linear(ctx, state).requires_grad_(False)
-        self.state_to_ctx = linear(state, ctx)
-
-
-def cross_modal_state_loss(cross: CrossModal, ctx: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """L_cross, the state term: || [h_t; z_t] - sg(W ctx_t) ||^2 / dim. It pulls the world model's state towards
-    a fixed linear image of the context, so the state carries what ctx knows; with ctx stop-gradiented it trains
-    the world model (RSSM and encoder) and never g. ctx (B, T, X), state (B, T, D + S*C) -> (B, T)."""
-    return ((state - cross.ctx_to_state(ctx.detach()).detach()) ** 2).mean(-1)
-
-
-def cross_modal_context_loss(cross: CrossModal, ctx: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """L_cross, the context term: || ctx_t - V sg([h_t; z_t]) ||^2 / X. It pulls ctx towards a linear read-out of
-    the model state, so ctx carries what the state knows; with the state stop-gradiented it trains g and V and
-    never the world model. ctx (B, T, X), state (B, T, D + S*C) -> (B, T)."""
-    return ((ctx - cross.state_to_ctx(state.detach())) ** 2).mean(-1)
-
-
-def context_objective(fd: torch.Tensor, cross: torch.Tensor, cross_weight: float, target_dims: int) -> torch.Tensor:
-    """g's objective with L_cross (DALI-chi): L_FD + lambda * O * L_cross's context term; scalars -> scalar.
-    L_FD sums its squared error over the O target dimensions (DreamerV3's convention for a decoder), the
-    release averages it over them, as both do the context term over X; the factor O keeps the release's
-    balance, lambda per dimension of each (its `loss_fd + lambda_cross * loss_cross`)."""
-    return fd + cross_weight * target_dims * cross
 
 
 class ContextWindow:

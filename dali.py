@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 
 from actor_critic import ActorCritic, ActorCriticConfig
-from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, CrossModal, context_objective, cross_modal_context_loss, forward_dynamics_loss
+from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, forward_dynamics_loss
+from cross_modal import CrossModal, context_objective, cross_modal_context_loss
 from layers import require_finite
 from rssm import RSSMConfig
 from world_model import Spaces, WorldModel, WorldModelConfig

@@ -18,14 +18,12 @@ to CARL's XML route for walker.
     distance           string tendon range upper bound = d; ball body shifted up by (0.3 - d)
 
 Public API (the context protocol itself -- features, ranges, sampling, grid -- lives in contexts.py and
-is re-exported here):
+is re-exported here; several envs stepped as one batch: vector_env.py):
     CONTEXT_FEATURES[task]                       feature name -> ContextFeature (defaults, ranges, grid)
     make_env(task, obs, contexts, seed, action_repeat) -> ContextualDMC   (a gymnasium.Env)
-    VectorEnv([...envs])                         several envs stepped as one batch, auto-reset
     train_contexts(task, setting, n, seed)       -> list[dict]           (training contexts)
     eval_contexts(task, setting)                 -> list[(dict, regime)] (zero-shot evaluation grid)
     normalize_context(task, context)             -> float32 array in [-1, 1] over the training range
-    random_rollouts(task, setting, episodes, steps) -> random-policy data for probes
 
 Observations are dicts: "obs" (float32 features) or "image" (uint8 H x W x 3). The true context is *not*
 in the observation, so that nothing wrapping the env leaks it to an agent by accident: it is in
@@ -75,8 +73,8 @@ ObsKind = Literal["features", "pixels"]
 TASKS: dict[str, tuple[str, str]] = {"walker": ("walker", "walk"), "ball_in_cup": ("ball_in_cup", "catch")}
 EPISODE_STEPS = 1000  # control steps per episode in both tasks (walker: 25 s / 0.025 s; cup: 20 s / 0.02 s)
 
-__all__ = ["CONTEXT_FEATURES", "SETTINGS", "TASKS", "EPISODE_STEPS", "ContextFeature", "ContextualDMC", "VectorEnv", "carl",
-           "default_context", "eval_contexts", "make_env", "normalize_context", "random_rollouts", "regime",
+__all__ = ["CONTEXT_FEATURES", "SETTINGS", "TASKS", "EPISODE_STEPS", "ContextFeature", "ContextualDMC", "carl",
+           "default_context", "eval_contexts", "make_env", "normalize_context", "regime",
            "task_features", "train_contexts", "validate_context", "varied_features", "Regime", "Setting", "Task", "ObsKind"]  # fmt: skip
 
 
@@ -309,75 +307,3 @@ def make_env(
 ) -> ContextualDMC:
     """A contextual DMC env; `contexts` is cycled one per episode (None: the default context)."""
     return ContextualDMC(task, obs, contexts, seed, action_repeat, image_size, context_in_obs=context_in_obs)
-
-
-def random_rollouts(task: Task, setting: str, episodes: int, steps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Uniform-random-action episodes, one per training context in turn (probes of the context encoder).
-    Returns obs (E, S+1, O) float32, actions (E, S+1, A) with a_{t-1} at t (zeros at t = 0, the replay
-    convention of dali.py) and the normalised true context of each episode (E, X)."""
-    env = make_env(task, contexts=train_contexts(task, setting, seed=seed), seed=seed)
-    rng = np.random.default_rng(seed)
-    obs = np.zeros((episodes, steps + 1, env.obs_size), np.float32)
-    actions = np.zeros((episodes, steps + 1, env.action_size), np.float32)
-    contexts = np.zeros((episodes, len(env.features)), np.float32)
-    for e in range(episodes):
-        o, info = env.reset()
-        obs[e, 0], contexts[e] = o["obs"], info["context_vector"]
-        for t in range(1, steps + 1):
-            actions[e, t] = rng.uniform(-1, 1, env.action_size)
-            obs[e, t] = env.step(actions[e, t])[0]["obs"]
-    return obs, actions, contexts
-
-
-class VectorEnv:
-    """Several envs stepped as one batch. Observations are stacked on a leading N axis.
-
-    An env whose episode ended is reset inside `step`: the returned observation is then the first one of
-    its new episode and `is_first[i]` is True (DreamerV3's convention), with the last observation of the
-    old episode in `info["final_obs"][i]` and its normalised context in `info["final_context_vector"][i]`.
-    `info["context_vector"]` (N, X) is the normalised true context of each returned observation.
-    """
-
-    def __init__(self, envs: list[ContextualDMC]):
-        if not envs:
-            raise ValueError("VectorEnv needs at least one env")
-        self.envs = envs
-        self.num_envs = len(envs)
-        self.action_size = envs[0].action_size
-
-    def reset(self, seed: int | None = None) -> tuple[dict, dict]:
-        results = [env.reset(seed=None if seed is None else seed + i) for i, env in enumerate(self.envs)]
-        obs = self._stack([o for o, _ in results])
-        obs["is_first"] = np.ones(self.num_envs, bool)
-        infos = [info for _, info in results]
-        return obs, {"context": [i["context"] for i in infos], "context_vector": np.stack([i["context_vector"] for i in infos])}
-
-    def step(self, actions: np.ndarray) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, dict]:
-        actions = np.asarray(actions)
-        if actions.shape != (self.num_envs, self.action_size):
-            raise ValueError(f"actions shape {actions.shape}: expected ({self.num_envs}, {self.action_size})")
-        obs_list, rewards, terms, truncs, contexts, final, final_context = [], [], [], [], [], {}, {}
-        is_first = np.zeros(self.num_envs, bool)
-        for i, (env, action) in enumerate(zip(self.envs, actions)):
-            o, r, term, trunc, info = env.step(action)
-            if term or trunc:
-                final[i], final_context[i] = o, info["context_vector"]
-                o, info = env.reset()
-                is_first[i] = True
-            contexts.append(info["context_vector"])
-            obs_list.append(o)
-            rewards.append(r)
-            terms.append(term)
-            truncs.append(trunc)
-        obs = self._stack(obs_list)
-        obs["is_first"] = is_first
-        info = {"context_vector": np.stack(contexts), "final_obs": final, "final_context_vector": final_context}
-        return obs, np.asarray(rewards, np.float32), np.asarray(terms), np.asarray(truncs), info
-
-    @staticmethod
-    def _stack(obs_list: list[dict]) -> dict[str, np.ndarray]:
-        return {k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]}
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()

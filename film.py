@@ -28,6 +28,7 @@ from checkpoint import checkpoint_path, load_agent, resolve_device
 from dali import Agent
 from evaluate import writable_output
 from rollout import RandomPolicy, play
+from vector_env import VectorEnv
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def film(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One episode per context in lockstep, filmed every `every` policy steps: frames (T, N, S, S, 3) uint8
     and the returns (N,)."""
-    vec = envs.VectorEnv([envs.make_env(task, obs, [c], seed + i, action_repeat) for i, c in enumerate(contexts)])
+    vec = VectorEnv([envs.make_env(task, obs, [c], seed + i, action_repeat) for i, c in enumerate(contexts)])
     cameras = [Camera(env.physics, height=size, width=size, camera_id=camera) for env in vec.envs]
     frames: list[np.ndarray] = []
     seen = [0]

@@ -4,7 +4,7 @@ counterfactual dreams (real-env rollouts from the same states, the gravity a dre
 rank correlations with bootstrap CIs over start states). counterfactual.py runs these on a trained agent.
 
 Shapes: E episodes, P probe steps, X ctx dims, F context features, M shifts, N start states, H horizon,
-O observation features, A action dims, G gravities.
+O observation features, A action dims, G gravities, S steps.
 """
 
 from __future__ import annotations
@@ -14,6 +14,25 @@ import numpy as np
 import envs
 
 BALL_DIMS = (2, 3, 6, 7)  # ball_in_cup features: the ball's position and velocity (qpos: cup x, cup z, ball x, ball z; then qvel)
+
+
+def random_rollouts(task: envs.Task, setting: str, episodes: int, steps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Uniform-random-action episodes, one per training context in turn (probes of the context encoder).
+    Returns obs (E, S+1, O) float32, actions (E, S+1, A) with a_{t-1} at t (zeros at t = 0, the replay
+    convention of dali.py) and the normalised true context of each episode (E, X)."""
+    env = envs.make_env(task, contexts=envs.train_contexts(task, setting, seed=seed), seed=seed)
+    rng = np.random.default_rng(seed)
+    obs = np.zeros((episodes, steps + 1, env.obs_size), np.float32)
+    actions = np.zeros((episodes, steps + 1, env.action_size), np.float32)
+    contexts = np.zeros((episodes, len(env.features)), np.float32)
+    for e in range(episodes):
+        o, info = env.reset()
+        obs[e, 0], contexts[e] = o["obs"], info["context_vector"]
+        for t in range(1, steps + 1):
+            actions[e, t] = rng.uniform(-1, 1, env.action_size)
+            obs[e, t] = env.step(actions[e, t])[0]["obs"]
+    return obs, actions, contexts
+
 
 def linear_r2(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
     """R^2 on held-out data of a least-squares linear probe (with bias) from x (N, D) to each column of y."""

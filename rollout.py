@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import envs
 from dali import Agent, AgentConfig
+from vector_env import VectorEnv
 
 
 class RandomPolicy:
@@ -39,7 +40,7 @@ class RandomPolicy:
         return torch.as_tensor(self.rng.uniform(-1, 1, (n, self.action_size)).astype(np.float32)), None
 
 
-def play(agent: Agent | RandomPolicy, vec: envs.VectorEnv, sample: bool, device, on_state: Callable[[], None] | None = None) -> np.ndarray:
+def play(agent: Agent | RandomPolicy, vec: VectorEnv, sample: bool, device, on_state: Callable[[], None] | None = None) -> np.ndarray:
     """One episode in every env of `vec`, from a fresh agent state: the returns (N,). `on_state` runs on every
     state the agents act on, the first included (e.g. to render it)."""
     o, info = vec.reset()
@@ -74,7 +75,7 @@ def episode_returns(
     returns: list[float] = []
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
-        vec = envs.VectorEnv([envs.make_env(task, obs, [context], seed, action_repeat) for context, seed in chunk])
+        vec = VectorEnv([envs.make_env(task, obs, [context], seed, action_repeat) for context, seed in chunk])
         returns += play(agent, vec, sample, device).tolist()
         vec.close()
         if progress is not None:
@@ -96,7 +97,7 @@ class Episodes:
 
 def record(agent: Agent, task: str, obs: str, action_repeat: int, jobs: list[tuple[dict, int]], steps: int, device) -> Episodes:
     """The first `steps` policy steps of one episode per (context, seed) job, actions sampled from the policy."""
-    vec = envs.VectorEnv([envs.make_env(task, obs, [c], seed, action_repeat) for c, seed in jobs])
+    vec = VectorEnv([envs.make_env(task, obs, [c], seed, action_repeat) for c, seed in jobs])
     o, info = vec.reset()
     key = "obs" if obs == "features" else "image"
     state = agent.initial_state(vec.num_envs)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import envs
+from vector_env import VectorEnv
 
 # ----------------------------------------------------------------------------------------------------
 # envs.py: contexts change the physics the right way
@@ -250,7 +251,7 @@ def test_pixels_shape_change_over_episode_and_differ_between_contexts():
 
 
 def test_vector_env_batches_and_auto_resets():
-    vec = envs.VectorEnv([envs.make_env("ball_in_cup", seed=i, action_repeat=4) for i in range(3)])
+    vec = VectorEnv([envs.make_env("ball_in_cup", seed=i, action_repeat=4) for i in range(3)])
     obs, info = vec.reset()
     assert obs["obs"].shape == (3, 8) and info["context_vector"].shape == (3, 2) and obs["is_first"].all() and "context" not in obs
     assert not np.array_equal(obs["obs"][0], obs["obs"][1])  # envs are seeded apart
@@ -346,6 +347,7 @@ torch.set_num_threads(1)  # robust beside other jobs: spin-waiting threads colla
 
 import actor_critic  # noqa: E402
 import context_encoder  # noqa: E402
+import cross_modal  # noqa: E402
 import dali  # noqa: E402
 import layers  # noqa: E402
 import rssm  # noqa: E402
@@ -1054,7 +1056,7 @@ def test_cross_modal_loss_has_two_terms_each_training_its_own_side(integration):
         return {name for name, ps in groups.items() if sum(float(g.abs().sum()) for g in (next(grads) for _ in ps) if g is not None) > 0}
 
     state_term = losses["cross"].mean()
-    context_term = context_encoder.cross_modal_context_loss(agent.cross, pieces["ctx"][:, P:], state).mean()
+    context_term = cross_modal.cross_modal_context_loss(agent.cross, pieces["ctx"][:, P:], state).mean()
     assert reached(state_term) == {"rssm", "encoder"}
     assert reached(context_term) == {"g", "V"}
     for p in groups["W"]:
@@ -1687,7 +1689,7 @@ def test_context_encoder_learns_gravity_from_random_policy_data():
     About 60 s on 2 cores."""
     torch.manual_seed(0)
     K, L, S = 64, 96, 150
-    obs, actions, ctx_true = map(torch.tensor, envs.random_rollouts("ball_in_cup", "single_0", 160, S, seed=0))
+    obs, actions, ctx_true = map(torch.tensor, probes.random_rollouts("ball_in_cup", "single_0", 160, S, seed=0))
     n_train = 120
     cfg = context_encoder.ContextEncoderConfig(window=K)
     enc = context_encoder.ContextEncoder(cfg, obs=8, action=2)
@@ -1945,6 +1947,23 @@ def test_gitignore_keeps_runs_out_and_result_files_and_shipped_agents_in():
              "x/events.out.tfevents.1": True}  # fmt: skip
     out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True).stdout.split()
     assert {p: p in out for p in paths} == paths
+
+
+def test_every_planted_error_still_finds_its_line():
+    """benchmarks/plant_errors.py plants each error by replacing one exact text; a text the code no longer
+    contains would make that error vanish from the test of the tests. Each must occur exactly once."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import plant_errors
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    edits = [e[:4] for e in plant_errors.ERRORS + plant_errors.MACHINERY] + [(*e, "paired") for e in plant_errors.PAIRED.values()]
+    found = {what: (root / file).read_text().count(old) for file, old, _, what in edits}
+    assert found == {what: 1 for what in found}
 
 
 def test_the_pretrained_folder_lists_exactly_its_files():

@@ -43,6 +43,7 @@ from dali import context_prefix
 from layers import require_finite
 from rollout import episode_returns
 from replay import Replay
+from vector_env import VectorEnv
 
 # ----------------------------------------------------------------------------------------------------
 # Training
@@ -192,7 +193,7 @@ def main(args: Args) -> dict:
     torch.manual_seed(args.seed)
 
     contexts = envs.train_contexts(args.task, args.contexts, args.num_contexts, args.seed)
-    vec = envs.VectorEnv([envs.make_env(args.task, args.obs, contexts, args.seed + i, args.action_repeat) for i in range(args.envs)])
+    vec = VectorEnv([envs.make_env(args.task, args.obs, contexts, args.seed + i, args.action_repeat) for i in range(args.envs)])
     agent = build_agent(args, vec.envs[0], device)
     obs_key, obs_shape = ("obs", (vec.envs[0].obs_size,)) if args.obs == "features" else ("image", vec.envs[0].image_shape)
     spec = {

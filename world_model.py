@@ -18,7 +18,7 @@ input and the decoder reconstructs it), `ctx_post` (DALI-S: ctx_t joins the post
 `ctx_deep` (DALI-D, cRSSM-D: ctx_{t-1} joins the sequence model's input, and ctx_t is appended to s_t, so
 that decoder, heads, actor and critic read it). A context-unaware world model (Dreamer-DR) takes none.
 With DALI-chi (`cross_scale` > 0) the loss gains L_cross's state term, which pulls [h_t; z_t] towards a
-fixed linear image of the stop-gradiented ctx_t (context_encoder.cross_modal_state_loss).
+fixed linear image of the stop-gradiented ctx_t (cross_modal.cross_modal_state_loss).
 
 Data convention (one for replay, training and acting): record t holds o_t, the action a_{t-1} that led to
 it (zeros when is_first), the reward r_t received on arriving at o_t, is_first_t and is_terminal_t. The
@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from context_encoder import CrossModal, cross_modal_state_loss
+from cross_modal import CrossModal, cross_modal_state_loss
 from layers import linear, mlp, require_finite, symlog, trunc_normal_, twohot_loss, twohot_mean
 from rssm import RSSM, RSSMConfig, kl_loss
 
@@ -155,7 +155,7 @@ class WorldModel(nn.Module):
         """ctx_enc, ctx_post, ctx_deep: sizes of the ctx inputs (module docstring), 0 where there is none.
         `after_rssm(self)` runs once the encoder and RSSM exist, before the decoder and heads are built:
         dali.Agent builds its context encoder there, so that a seed keeps drawing the same initial weights.
-        cross_scale: weight of L_cross's state term (DALI-chi; context_encoder.cross_modal_state_loss), 0: none."""
+        cross_scale: weight of L_cross's state term (DALI-chi; cross_modal.cross_modal_state_loss), 0: none."""
         super().__init__()
         self.cfg, self.spaces = cfg, spaces
         self.ctx_enc, self.ctx_post, self.ctx_deep = ctx_enc, ctx_post, ctx_deep

@@ -4,6 +4,7 @@ random streams), for a restructuring that must not change a single number.
 
     python benchmarks/bit_identity.py                          # against 44a2cd4: Dreamer-DR, DALI-S, cRSSM-S
     python benchmarks/bit_identity.py --commit HEAD~3 --methods dali_s
+    python benchmarks/bit_identity.py --commit ba796d3 --methods dreamer_dr dali_s crssm_s dali_s_chi dali_d
     python benchmarks/bit_identity.py --flags="--task ball_in_cup --contexts single_0 --envs 2 --action-repeat 10 --prefill 1000 --eval-every 0 --no-progress" --steps 4000 6000
     python benchmarks/bit_identity.py --write-fixture          # regenerate fixtures/dali_s_v1.pt and its reference
 
@@ -41,6 +42,8 @@ METHODS = {
     "dreamer_dr": ["--context", "none"],
     "dali_s": ["--context", "learned", "--integration", "shallow"],
     "crssm_s": ["--context", "oracle", "--integration", "shallow"],
+    "dali_s_chi": ["--context", "learned", "--integration", "shallow", "--ctx.cross-weight", "1"],
+    "dali_d": ["--context", "learned", "--integration", "deep"],
 }
 # Tiny sizes (seconds per run on 2 cores); 50 control steps per policy step: 20-step episodes of 2000 env steps.
 TINY = (
@@ -58,8 +61,8 @@ class Args:
 
     commit: str = "44a2cd4"
     """The older commit (anything `git archive` takes)."""
-    methods: tuple[str, ...] = tuple(METHODS)
-    """Methods to run: dreamer_dr, dali_s, crssm_s."""
+    methods: tuple[str, ...] = ("dreamer_dr", "dali_s", "crssm_s")
+    """Methods to run: dreamer_dr, dali_s, crssm_s (the default: the headline and cRSSM-S), dali_s_chi, dali_d."""
     flags: str = TINY
     """train.py flags shared by every run (task, sizes, budget; write --flags="..."); --steps and --logdir are added."""
     steps: tuple[int, int] = (2000, 4000)

@@ -25,7 +25,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
-from probes import linear_r2  # noqa: E402
+from probes import linear_r2, random_rollouts  # noqa: E402
 from context_encoder import ContextEncoder, ContextEncoderConfig, forward_dynamics_loss  # noqa: E402
 from rssm import RSSMConfig  # noqa: E402
 from world_model import Spaces, WorldModel, WorldModelConfig  # noqa: E402
@@ -154,7 +154,7 @@ def main(args: Args) -> None:
     rows, gains = [], []
     for task in args.tasks:
         torch.manual_seed(args.seed)
-        obs, actions, ctx_true = map(torch.tensor, envs.random_rollouts(task, args.setting, args.episodes, args.steps, args.seed))
+        obs, actions, ctx_true = map(torch.tensor, random_rollouts(task, args.setting, args.episodes, args.steps, args.seed))
         names = list(envs.CONTEXT_FEATURES[task])
         n_train = args.episodes * 3 // 4
         probe_steps = range(args.probe_from or max(args.windows) + 1, args.steps + 1, args.probe_every)

@@ -9,6 +9,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
+from vector_env import VectorEnv  # noqa: E402
 
 
 def main(policy_steps: int = 1000, num_envs: int = 4, action_repeat: int = 2) -> None:
@@ -16,7 +17,7 @@ def main(policy_steps: int = 1000, num_envs: int = 4, action_repeat: int = 2) ->
     for task in envs.TASKS:
         contexts = envs.train_contexts(task, "double_box", n=100, seed=0)
         for obs in ("features", "pixels"):
-            vec = envs.VectorEnv([envs.make_env(task, obs, contexts, seed=i, action_repeat=action_repeat) for i in range(num_envs)])
+            vec = VectorEnv([envs.make_env(task, obs, contexts, seed=i, action_repeat=action_repeat) for i in range(num_envs)])
             vec.reset()
             rng = np.random.default_rng(0)
             start = time.perf_counter()

@@ -8,7 +8,8 @@ runs). Each error is applied to a fresh copy of the repository, so the working t
     python benchmarks/plant_errors.py --machinery     # errors in checkpoints, signals, logs, envs, evaluation
     python benchmarks/plant_errors.py --only 25 --tests "head_targets"   # does one test catch an error?
 
-Prints one line per error: caught (by which test) or SURVIVED; exits 1 if any survived.
+Prints one line per error: caught (by which test), SURVIVED, or NO TEST (the planted code broke pytest's
+collection, so no test judged it); exits 1 unless every error was caught.
 """
 
 from __future__ import annotations
@@ -47,10 +48,10 @@ ERRORS = [
     ("context_encoder.py", "        band = (offset >= 0) & (offset < K)  # (L, L)", "        band = (offset >= -1) & (offset < K)  # (L, L)", "context window sees the next token (off by one)"),
     ("context_encoder.py", "        band = (offset >= 0) & (offset < K)  # (L, L)", "        band = (offset >= 0) & (offset <= K)  # (L, L)", "context window one token too long"),
     ("context_encoder.py", "            self.prev_obs, is_first = obs, torch.ones_like(is_first)", "            self.prev_obs = obs", "fabricated token at the prefill handover"),
-    ("context_encoder.py", "    return ((ctx - cross.state_to_ctx(state.detach())) ** 2).mean(-1)", "    return ((ctx - cross.state_to_ctx(state)) ** 2).mean(-1)", "L_cross's context term trains the world model"),
-    ("context_encoder.py", "    return ((state - cross.ctx_to_state(ctx.detach()).detach()) ** 2).mean(-1)", "    return ((state.detach() - cross.ctx_to_state(ctx.detach()).detach()) ** 2).mean(-1)", "L_cross's state term never trains the world model"),
+    ("cross_modal.py", "    return ((ctx - cross.state_to_ctx(state.detach())) ** 2).mean(-1)", "    return ((ctx - cross.state_to_ctx(state)) ** 2).mean(-1)", "L_cross's context term trains the world model"),
+    ("cross_modal.py", "    return ((state - cross.ctx_to_state(ctx.detach()).detach()) ** 2).mean(-1)", "    return ((state.detach() - cross.ctx_to_state(ctx.detach()).detach()) ** 2).mean(-1)", "L_cross's state term never trains the world model"),
     ("dali.py", "        cross_scale = ctx_cfg.cross_weight if learned else 0.0", "        cross_scale = 0.0", "L_cross's state term left out of the world model's loss"),
-    ("context_encoder.py", "    return fd + cross_weight * target_dims * cross", "    return fd + cross_weight * cross", "L_cross's context term at 1/O of the release's weight against L_FD"),
+    ("cross_modal.py", "    return fd + cross_weight * target_dims * cross", "    return fd + cross_weight * cross", "L_cross's context term at 1/O of the release's weight against L_FD"),
     ("rssm.py", "    dyn = kl(post_logits.detach(), prior_logits)", "    dyn = kl(post_logits, prior_logits)", "dynamics KL without its stop-gradient"),
     ("rssm.py", "    return torch.clamp(dyn, min=free), torch.clamp(rep, min=free)", "    return dyn, torch.clamp(rep, min=free)", "free bits dropped from the dynamics KL"),
     # World-model targets and inputs, the actor's distribution, and what imagination feeds (added with the split)
@@ -109,7 +110,7 @@ ERRORS = [
 MACHINERY = [
     ("checkpoint.py", "torch.load(path, map_location=\"cpu\", weights_only=True)", "torch.load(path, map_location=\"cpu\", weights_only=False)", "checkpoints loaded with pickle (weights_only off)", "pickled_callable"),
     ("train.py", "    if ckpt is None and logs:", "    if False:", "a fresh run appends to an old run's logs", "without_checkpoint or bad_checkpoints"),
-    ("train.py", 'while not ((c["env_steps"] >= args.steps or stop.signum) and at_boundary):', 'while not (c["env_steps"] >= args.steps and at_boundary):', "a signal no longer stops training", "signal_saves"),
+    ("train.py", 'while not (c["env_steps"] >= args.steps and at_boundary) and not stop.signum:', 'while not (c["env_steps"] >= args.steps and at_boundary):', "a signal no longer stops training", "signal_saves"),
     ("checkpoint.py", 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k)', 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k) and False', "resume accepts any changed flag", "lists_every_conflict or bad_checkpoints"),
     ("envs.py", "        if self.context_in_obs:\n            out[", "        if True:\n            out[", "the true context leaks into the observation", "true_context_is_in_info or pixels_shape or gymnasium"),
     ("envs.py", "        if (action < self.action_low).any() or (action > self.action_high).any()", "        if False", "out-of-range actions pass silently", "gymnasium"),
@@ -186,12 +187,16 @@ def main(args: Args) -> int:
             elif not args.all_tests:
                 cmd += ["-k", ERRORS[n][4] if len(ERRORS[n]) > 4 else RECIPE_TESTS]
             out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
-            failed = [line.split("::")[1].split(" ")[0] for line in out.stdout.splitlines() if line.startswith("FAILED")]
+            # a failed test, or one whose fixture failed (ERROR test_dali.py::name); a collection error has no "::"
+            failed = [line.split("::")[1].split(" ")[0] for line in out.stdout.splitlines() if line.startswith(("FAILED", "ERROR")) and "::" in line]
             if out.returncode == 0:
                 survived.append(n)
                 print(f"{n + 1:>2} SURVIVED  {ERRORS[n][3]}", flush=True)
+            elif not failed:  # the planted code broke the collection itself: no test has judged the error
+                survived.append(n)
+                print(f"{n + 1:>2} NO TEST   {ERRORS[n][3]}: pytest failed before any test did: {out.stdout[-300:]}", flush=True)
             else:
-                print(f"{n + 1:>2} caught    {ERRORS[n][3]}: {', '.join(failed) or out.stdout[-300:]}", flush=True)
+                print(f"{n + 1:>2} caught    {ERRORS[n][3]}: {', '.join(failed)}", flush=True)
     print(f"{len(chosen) - len(survived)} of {len(chosen)} planted errors caught")
     return 1 if survived else 0
 

@@ -28,6 +28,7 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
+from vector_env import VectorEnv  # noqa: E402
 import train  # noqa: E402
 from dali import Agent  # noqa: E402
 
@@ -163,7 +164,7 @@ def time_update(size: str, obs: str, args: Args, peak: float, flags: str) -> Non
 
 def time_acting(obs: str, args: Args, steps: int = 400, num_envs: int = 4) -> float:
     agent, run = build("cpu", obs, args)
-    vec = envs.VectorEnv([envs.make_env(args.task, obs, None, i, run.action_repeat) for i in range(num_envs)])
+    vec = VectorEnv([envs.make_env(args.task, obs, None, i, run.action_repeat) for i in range(num_envs)])
     o, _ = vec.reset()
     state = agent.initial_state(num_envs)
     start = time.perf_counter()
