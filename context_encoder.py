@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from layers import Dense, linear, symlog
 

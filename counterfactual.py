@@ -35,7 +35,6 @@ import tyro
 import envs
 import figures
 from checkpoint import load_agent, resolve_device
-from dali import Agent
 from dreams import ctx_sigma, dream, inferred_context, shift_deltas
 from evaluate import writable_output
 from probes import bootstrap_rank_corr, correlations, implied_gravity, probe_table, real_rollout

@@ -197,6 +197,19 @@ class Agent(nn.Module):
         window = ContextWindow(self.ctx_encoder, n, device) if self.cfg.context == "learned" else None
         return self.wm.rssm.initial(n), torch.zeros(n, self.spaces.action, device=device), window
 
+    def state_dict_of(self, state: tuple) -> dict:
+        """The acting state (latent, previous action, context window or None) as tensors, for a checkpoint."""
+        latent, prev_action, window = state
+        return {"latent": dict(latent), "prev_action": prev_action, "window": None if window is None else window.state_dict()}
+
+    def load_state(self, saved: dict, n: int) -> tuple:
+        """The inverse of `state_dict_of`, for n envs, on this agent's device."""
+        _, _, window = self.initial_state(n)
+        if window is not None:
+            window.load_state_dict(saved["window"])
+        device = self.wm.bins.device
+        return {k: v.to(device) for k, v in saved["latent"].items()}, saved["prev_action"].to(device), window
+
     @torch.inference_mode()
     def act(self, obs: dict, state: tuple, sample: bool = True, context: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
         """One policy step for a batch of envs. obs: tensors (N, ...) with "is_first"; returns actions

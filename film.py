@@ -105,7 +105,7 @@ def film(
         seen[0] += 1
 
     returns = play(agent, vec, sample, device, shoot)
-    del cameras
+    cameras.clear()  # their scenes and GL buffers go before the envs
     vec.close()
     return np.stack(frames), returns
 

@@ -43,6 +43,7 @@ from dali import context_prefix
 from layers import require_finite
 from rollout import episode_returns
 from replay import Replay
+from run_log import Logger, prepare_logdir
 from vector_env import VectorEnv
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,37 +92,6 @@ def to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
-class Logger:
-    """stdout line + metrics.jsonl + TensorBoard; metric tensors are averaged and synced only here."""
-
-    def __init__(self, logdir: Path, step: int):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(logdir), purge_step=step or None)  # a resumed run drops events after its checkpoint
-        self.file = open(logdir / "metrics.jsonl", "a")
-        self.pending: dict[str, list] = {}
-
-    def add(self, metrics: dict) -> None:
-        for k, v in metrics.items():
-            self.pending.setdefault(k, []).append(v)
-
-    def write(self, step: int, progress: tqdm | None) -> None:
-        row = {"step": step}
-        for k, vs in sorted(self.pending.items()):
-            row[k] = float(torch.stack(vs).float().mean()) if torch.is_tensor(vs[0]) else float(np.mean(vs))
-            self.writer.add_scalar(k, row[k], step)
-        self.pending.clear()
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        keys = ["episode/return", "eval/return", "wm/loss", "ac/return", "perf/fps", "perf/updates"]
-        line = f"step {step:>8d} | " + " | ".join(f"{k} {row[k]:.3g}" for k in keys if k in row)
-        (progress.write if progress is not None else print)(line)
-
-    def close(self) -> None:
-        self.writer.close()
-        self.file.close()
-
-
 class StopRequest:
     """SIGINT/SIGTERM handler: the first signal asks the loop to checkpoint after the current step and exit;
     a second one exits at once (the last checkpoint stays as it was)."""
@@ -140,34 +110,6 @@ class StopRequest:
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-def agent_state_dict(state: tuple) -> dict:
-    """The agent's acting state (latent, previous action, context window or None) as tensors."""
-    latent, prev_action, window = state
-    return {"latent": dict(latent), "prev_action": prev_action, "window": None if window is None else window.state_dict()}
-
-
-def load_agent_state(agent, saved: dict, n: int, device) -> tuple:
-    """The inverse of `agent_state_dict`, for `n` envs."""
-    _, _, window = agent.initial_state(n)
-    if window is not None:
-        window.load_state_dict(saved["window"])
-    return {k: v.to(device) for k, v in saved["latent"].items()}, saved["prev_action"].to(device), window
-
-
-def prepare_logdir(logdir: Path, ckpt: dict | None) -> None:
-    """Never mix two runs' logs: a fresh run needs a logdir without logs; a resumed one drops the metric lines
-    and TensorBoard events written after its checkpoint (the resumed run writes them again)."""
-    logs = [p for p in (logdir / "metrics.jsonl", logdir / "ckpt.pt") if p.exists()] + list(logdir.glob("events.out.tfevents.*"))
-    if ckpt is None and logs:
-        what = "a checkpoint; pass --resume to continue it" if (logdir / "ckpt.pt").exists() else "logs of a run that saved no checkpoint; delete them"
-        raise SystemExit(f"error: {logdir} holds {what}, or choose another --logdir")
-    if ckpt is not None and (logdir / "metrics.jsonl").exists():
-        step = ckpt["counters"]["env_steps"]
-        lines = (logdir / "metrics.jsonl").read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        (logdir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
 
 
 def main(args: Args) -> dict:
@@ -234,7 +176,7 @@ def main(args: Args) -> dict:
             env.set_state(env_state)
         obs = {k: v.numpy() for k, v in acting["obs"].items()}
         true_context, prev_action, reward, is_terminal, ep_return = (acting[k].numpy() for k in ("true_context", "prev_action", "reward", "is_terminal", "ep_return"))
-        state = load_agent_state(agent, acting["agent"], args.envs, device)
+        state = agent.load_state(acting["agent"], args.envs)
         at_boundary = acting["at_boundary"]
     steps_per_vec = args.envs * args.action_repeat
     updates_per_policy_step = args.train_ratio / (args.batch_size * args.batch_length)
@@ -259,7 +201,7 @@ def main(args: Args) -> dict:
             "envs": [env.get_state() for env in vec.envs],
             "obs": {k: torch.from_numpy(np.array(v)) for k, v in obs.items()},
             **{k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
-            "agent": agent_state_dict(state),
+            "agent": agent.state_dict_of(state),
             "at_boundary": at_boundary,
             "pending": {k: [v if torch.is_tensor(v) else float(v) for v in vs] for k, vs in logger.pending.items()},
         }

@@ -109,7 +109,7 @@ ERRORS = [
 # Errors in the run machinery (checkpoints, signals, logs, envs, evaluation), each with the tests that guard it.
 MACHINERY = [
     ("checkpoint.py", "torch.load(path, map_location=\"cpu\", weights_only=True)", "torch.load(path, map_location=\"cpu\", weights_only=False)", "checkpoints loaded with pickle (weights_only off)", "pickled_callable"),
-    ("train.py", "    if ckpt is None and logs:", "    if False:", "a fresh run appends to an old run's logs", "without_checkpoint or bad_checkpoints"),
+    ("run_log.py", "    if ckpt is None and logs:", "    if False:", "a fresh run appends to an old run's logs", "without_checkpoint or bad_checkpoints"),
     ("train.py", 'while not (c["env_steps"] >= args.steps and at_boundary) and not stop.signum:', 'while not (c["env_steps"] >= args.steps and at_boundary):', "a signal no longer stops training", "signal_saves"),
     ("checkpoint.py", 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k)', 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k) and False', "resume accepts any changed flag", "lists_every_conflict or bad_checkpoints"),
     ("envs.py", "        if self.context_in_obs:\n            out[", "        if True:\n            out[", "the true context leaks into the observation", "true_context_is_in_info or pixels_shape or gymnasium"),
