@@ -157,6 +157,12 @@ class Args:
     """A pytest -k expression to run instead of each error's own tests (e.g. to ask which errors one test catches)."""
 
 
+def stale_texts(repo: Path) -> list[str]:
+    """Every planted error (recipe, machinery, paired) whose text does not occur exactly once in its file."""
+    edits = [e[:4] for e in ERRORS + MACHINERY] + [(*e, "paired") for e in PAIRED.values()]
+    return [f"{file}: {what}" for file, old, _, what in edits if (repo / file).read_text().count(old) != 1]
+
+
 def plant(repo: Path, number: int) -> None:
     for file, old, new in [ERRORS[number][:3]] + ([PAIRED[number]] if number in PAIRED else []):
         path = repo / file
