@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,17 @@ def score_matrices(
     return {m: np.stack([(r.returns.mean(1) - random_return) / (expert_return - random_return) for r in runs]) for m, runs in by_method.items()}
 
 
+def _stream(seed: int, *names: str) -> np.random.Generator:
+    """The bootstrap's random stream of one (regime, method) or (regime, method pair): its own, so that a method's
+    CIs stay the same when other methods are aggregated beside it (e.g. as a study's later stages finish)."""
+    return np.random.default_rng([seed, *(zlib.crc32(name.encode()) for name in names)])
+
+
+def _metrics_with_ci(x: np.ndarray, reps: int, rng: np.random.Generator) -> dict:
+    """Every metric of METRICS with its CI, for scores x (M, N)."""
+    return {name: metric_with_ci(x, f, reps, rng) for name, f in METRICS.items()}
+
+
 def aggregate(
     results: list[RunResult], reps: int = 2000, seed: int = 0, random_return: float = 0.0, expert_return: float = MAX_RETURN,
     reference: Reference | None = None,
@@ -147,7 +159,6 @@ def aggregate(
     """Every metric with CIs per regime and method, and P(X > Y) for every ordered pair of methods."""
     scores = score_matrices(results, random_return, expert_return, reference)
     regimes = np.asarray(results[0].regimes)
-    rng = np.random.default_rng(seed)
     norm = f"per context, {reference.path}" if reference is not None else f"(R - {random_return:g}) / ({expert_return:g} - {random_return:g})"
     out: dict = {"task": results[0].task, "setting": results[0].setting, "seeds": {m: len(x) for m, x in scores.items()}, "normalisation": norm,
                  "metrics": {}, "improvement": {}}  # fmt: skip
@@ -155,9 +166,10 @@ def aggregate(
         cols = np.ones(len(regimes), bool) if reg == "all" else regimes == reg
         if not cols.any():
             continue
-        out["metrics"][reg] = {m: {name: metric_with_ci(x[:, cols], f, reps, rng) for name, f in METRICS.items()} for m, x in scores.items()}
+        out["metrics"][reg] = {m: _metrics_with_ci(x[:, cols], reps, _stream(seed, reg, m)) for m, x in scores.items()}
         out["improvement"][reg] = {
-            f"{a} > {b}": improvement_with_ci(scores[a][:, cols], scores[b][:, cols], reps, rng) for a, b in itertools.permutations(scores, 2)
+            f"{a} > {b}": improvement_with_ci(scores[a][:, cols], scores[b][:, cols], reps, _stream(seed, reg, a, b))
+            for a, b in itertools.permutations(scores, 2)
         }
     return out
 

@@ -1250,6 +1250,22 @@ def test_probability_of_improvement_equals_pairwise_counting_and_bootstrap_is_st
     assert same_run_everywhere < 0.01
 
 
+def test_a_methods_confidence_intervals_do_not_depend_on_the_other_methods_aggregated():
+    # a study's stages finish one by one: adding cRSSM-S to the aggregate must not move DALI-S's CIs
+    from results import RunResult, aggregate
+
+    rng = np.random.default_rng(0)
+    regimes = ["interpolation"] * 3 + ["extrapolation"] * 4
+    run = lambda method, seed: RunResult("", "ball_in_cup", "single_0", method, seed, regimes, rng.uniform(0, 1000, (7, 5)))  # noqa: E731
+    a, b, c = [run("DALI-S", s) for s in range(3)], [run("Dreamer-DR", s) for s in range(3)], [run("cRSSM-S", s) for s in range(2)]
+    two, three = aggregate(a + b, reps=300), aggregate(a + b + c, reps=300)
+    for reg in ("interpolation", "extrapolation", "all"):
+        for m in ("DALI-S", "Dreamer-DR"):
+            assert three["metrics"][reg][m] == two["metrics"][reg][m], (reg, m)
+        assert three["improvement"][reg]["DALI-S > Dreamer-DR"] == two["improvement"][reg]["DALI-S > Dreamer-DR"]
+    assert three["metrics"]["all"]["DALI-S"]["IQM"]["ci"] != aggregate(a + b, reps=300, seed=1)["metrics"]["all"]["DALI-S"]["IQM"]["ci"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # train.py: the real CLI, checkpoints, exact resume, bad input
 # ----------------------------------------------------------------------------------------------------

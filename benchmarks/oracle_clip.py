@@ -11,7 +11,7 @@ the extrapolation returns; if the agent breaks because it cannot act in that phy
 Inside the training range clipping changes nothing, so there the output must equal the study's results file
 number for number: the script checks that (it proves that the evaluation is the study's) before it reports.
 
-    python benchmarks/oracle_clip.py ~/studies/bic_crssm/cRSSM-S_s0 ~/studies/bic_crssm/cRSSM-S_s1
+    python benchmarks/oracle_clip.py ~/studies/bic_crssm/cRSSM-S_s0 ~/studies/bic_crssm/cRSSM-S_s1   # -> docs/results/bic_gravity/oracle_clip/
 """
 
 import json
@@ -26,13 +26,13 @@ import envs  # noqa: E402
 import evaluate  # noqa: E402
 
 
-def clipped_evaluation(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(the study's rows, the rows with the context clipped to [-1, 1]) of one cRSSM-S run directory."""
+def clipped_evaluation(run_dir: Path, out: Path) -> tuple[list[dict], list[dict]]:
+    """(the study's rows, the rows with the context clipped to [-1, 1]) of one cRSSM-S run directory; the
+    clipped rows are written to `out` (never into the run directory, where they would pass for its results)."""
     study = [json.loads(line) for line in (run_dir / "zeroshot_single_0.jsonl").read_text().splitlines()]
     normalize = envs.normalize_context
     envs.normalize_context = lambda task, context: np.clip(normalize(task, context), -1.0, 1.0)
     try:
-        out = run_dir / "zeroshot_single_0_clipped.jsonl"
         rows = evaluate.run(evaluate.Run(checkpoint=str(run_dir / "train" / "ckpt.pt"), setting="single_0", episodes=len(study[0]["returns"]),
                                          out=str(out), method="cRSSM-S (context clipped)", progress=False))  # fmt: skip
     finally:
@@ -43,10 +43,15 @@ def clipped_evaluation(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return study, rows
 
 
-def main(run_dirs: tyro.conf.Positional[tuple[str, ...]]) -> None:
-    """Evaluate each cRSSM-S run with its context clipped; print the per-context means beside the study's."""
+def main(run_dirs: tyro.conf.Positional[tuple[str, ...]], out: str = "docs/results/bic_gravity/oracle_clip") -> None:
+    """Evaluate each cRSSM-S run with its context clipped; print the per-context means beside the study's.
+
+    Args:
+        run_dirs: cRSSM-S run directories of a study (each with train/ckpt.pt and zeroshot_single_0.jsonl).
+        out: Folder of the clipped evaluations, one RUN.jsonl per run.
+    """
     for run_dir in map(Path, run_dirs):
-        study, clipped = clipped_evaluation(run_dir)
+        study, clipped = clipped_evaluation(run_dir, Path(out) / f"{run_dir.name}.jsonl")
         print(f"\n{run_dir.name}: mean return per gravity, as in the study / context clipped to [-1, 1]")
         for s, c in zip(study, clipped):
             print(f"  g = {s['context']['gravity']:6.3f} {s['regime']:13s} {s['mean']:6.1f} / {c['mean']:6.1f}")

@@ -129,10 +129,11 @@ def main(args: Args) -> None:
         if label in curves:
             raise SystemExit(f"error: two runs are {label}: {run} and another study directory")
         curves[label] = curve(run)
-        results = list(run.glob("zeroshot_*.jsonl"))
-        if (run / "done").exists() and results:
+        setting = json.loads((run / "train" / "args.json").read_text())["contexts"]  # the study's grid is its training setting
+        results = run / f"zeroshot_{setting}.jsonl"  # the run's own results, not a diagnostic's file beside it
+        if (run / "done").exists() and results.exists():
             files.append(out / "runs" / f"{label}.jsonl")
-            shutil.copyfile(results[0], files[-1])
+            shutil.copyfile(results, files[-1])
     (out / "curves.json").write_text(json.dumps(curves, indent=1))
     lines = ["| run | env steps | updates | hours | updates per hour | status |", "|---|---|---|---|---|---|"]
     for name, c in curves.items():
