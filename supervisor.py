@@ -20,6 +20,12 @@ Signals it takes:
 - USR2: SLURM's warning before a time limit, for submitit's handler in the runner only: ignored here and,
   by inheritance, in the child.
 
+Which came first matters, and handlers cannot tell: a supervisor that is not scheduled until both the job's
+SIGTERM and the runner's death (USR1) reached it would see them in signal-number order, USR1 first, and
+forward a second SIGTERM. So the supervisor blocks these signals and takes them one at a time from the
+kernel's pending set (sigtimedwait); a USR1 with a SIGTERM or SIGINT pending beside it is one stop of the
+whole job, not a request to forward.
+
 Exit status: the child's; 128 + N when a signal N ended it (as a shell reports it).
 """
 
@@ -32,6 +38,8 @@ import subprocess
 import sys
 
 PR_SET_PDEATHSIG = 1
+STOPS = {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT}  # blocked, and taken by sigtimedwait
+GROUP_STOPS = {signal.SIGTERM, signal.SIGINT}  # the child got these too
 
 
 class Supervisor:
@@ -39,31 +47,35 @@ class Supervisor:
 
     def __init__(self) -> None:
         self.child: subprocess.Popen | None = None
-        self.forwarded = False  # a stop was forwarded, or the child was signalled with the rest of the group
+        self.stopped = False  # a stop was forwarded, or the child was signalled with the rest of the group
 
-    def on_signal(self, signum: int, frame) -> None:
-        if self.child is None:  # asked to stop before the child exists: start none
-            os._exit(128 + signal.SIGTERM)
-        if not self.forwarded and signum == signal.SIGUSR1:
+    def take(self, signum: int) -> None:
+        """Act on one stop signal taken from the pending set."""
+        job_stop = signum in GROUP_STOPS or bool(signal.sigpending() & GROUP_STOPS)
+        if not self.stopped and not job_stop:
             self.child.send_signal(signal.SIGTERM)
-        self.forwarded = True
+        self.stopped = True
 
     def run(self, runner_pid: int, argv: list[str]) -> int:
         libc = ctypes.CDLL(None)
-        for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, self.on_signal)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGUSR1))
-        if os.getppid() != runner_pid:  # the runner died before prctl: no USR1 will come
-            return 128 + signal.SIGTERM
+        if os.getppid() != runner_pid or signal.sigpending() & STOPS:  # the runner died before prctl, or
+            return 128 + signal.SIGTERM  # a stop came before the child exists: start none
 
         def child_setup() -> None:  # in the child, before exec
             libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))  # fires once: the supervisor is single-threaded
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
 
         self.child = subprocess.Popen([sys.executable, *argv], preexec_fn=child_setup, close_fds=False)
-        rc = self.child.wait()
+        while self.child.poll() is None:
+            info = signal.sigtimedwait(STOPS, 0.2)
+            if info is not None:
+                self.take(info.si_signo)
+        rc = self.child.returncode
         return rc if rc >= 0 else 128 - rc
 
 

@@ -2474,6 +2474,18 @@ def test_supervisor_gives_its_child_exactly_one_sigterm_however_the_runner_ends(
     wait_for(out.exists, 30, "the SIGTERM to arrive")
     runner.kill()
     assert signals(out) == ["TERM", "EXIT"]
+    # the same, with the supervisor not scheduled until both the job's SIGTERM and the runner's death
+    # reached it (a loaded machine): it still sees that the SIGTERM came first, whatever the signal numbers
+    runner, out = start("job signalled, supervisor late")
+    pgid = int(Path(f"{out}.pid").read_text())
+    os.kill(pgid, signal.SIGSTOP)  # the supervisor leads its session: pgid is its pid
+    os.killpg(pgid, signal.SIGTERM)
+    wait_for(out.exists, 30, "the SIGTERM to arrive")
+    runner.kill()
+    runner.wait(timeout=30)
+    time.sleep(0.5)  # the parent-death signal is sent as the runner exits
+    os.kill(pgid, signal.SIGCONT)
+    assert signals(out) == ["TERM", "EXIT"]
     # a runner that lives and asks for nothing: no signal, and the child's exit status comes back
     runner, out = start("undisturbed", seconds=1)
     assert runner.wait(timeout=60) == 0 and signals(out) == ["EXIT"]
