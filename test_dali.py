@@ -1317,10 +1317,17 @@ def test_train_cli_end_to_end_writes_metrics_and_checkpoint(tmp_path):
 
 
 def test_size_presets_set_their_train_ratio_and_flags_override_it():
-    assert train.cli([]).size == "cpu" and train.cli([]).train_ratio == 128.0  # the CPU preset
+    # the CPU preset: 256 on walker (the main command), 128 on ball_in_cup (the study's runs)
+    assert train.cli([]).size == "cpu" and train.cli([]).task == "walker" and train.cli([]).train_ratio == 256.0
+    assert train.cli(["--task", "ball_in_cup"]).train_ratio == 128.0
+    assert train.cli(["--task=ball_in_cup", "--size", "cpu"]).train_ratio == 128.0
     assert train.cli(["--size", "xs"]).train_ratio == 512.0  # DreamerV3's ratio for the paper's sizes
+    assert train.cli(["--size", "xs", "--task", "ball_in_cup"]).train_ratio == 512.0
     assert train.cli(["--train-ratio", "64"]).train_ratio == 64.0
+    assert train.cli(["--task", "ball_in_cup", "--train-ratio", "300"]).train_ratio == 300.0
     assert train.cli(["--train-ratio", "64", "--size", "xs"]).rssm.hidden == 256
+    with pytest.raises(SystemExit, match="unknown --task 'cheetah'; choose one of"):
+        train.cli(["--task", "cheetah"])
 
 
 def test_resume_reproduces_uninterrupted_training(tmp_path):

@@ -279,18 +279,26 @@ def main(args: Args) -> dict:
     return c
 
 
-def cli(argv: list[str] | None = None) -> Args:
-    """Parse flags on top of the --size preset (peeked first, so explicit flags override its values)."""
-    argv = sys.argv[1:] if argv is None else argv
-    size = "cpu"
+def peek(argv: list[str], flag: str, default: str) -> str:
+    """The value of `flag` in argv (`--flag v` or `--flag=v`; the last one wins), before tyro parses it."""
+    value = default
     for i, a in enumerate(argv):
-        if a == "--size" and i + 1 < len(argv):
-            size = argv[i + 1]
-        elif a.startswith("--size="):
-            size = a.split("=", 1)[1]
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(f"{flag}="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def cli(argv: list[str] | None = None) -> Args:
+    """Parse flags on top of the --size and --task preset (peeked first, so explicit flags override it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    size, task = peek(argv, "--size", Args.size), peek(argv, "--task", Args.task)
     if size not in SIZES:
         raise SystemExit(f"error: unknown --size {size!r}; choose one of {list(SIZES)}")
-    args = tyro.cli(Args, default=preset(size), args=argv, description=__doc__)
+    if task not in envs.TASKS:
+        raise SystemExit(f"error: unknown --task {task!r}; choose one of {list(envs.TASKS)}")
+    args = tyro.cli(Args, default=preset(size, task), args=argv, description=__doc__)
     if args.resume:  # the run's own configuration is the base; main() rejects changes outside RESUMABLE
         base = dataclasses.replace(saved_args(args.logdir), logdir=args.logdir, resume=True)
         args = tyro.cli(Args, default=base, args=argv, description=__doc__)
