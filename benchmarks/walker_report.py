@@ -11,7 +11,7 @@ Reads the run directory RUN (train.py's logdir is RUN/train) and writes, under -
 DreamerV3's curve is docs/results/walker/dreamerv3_walker_walk.json (from danijar/dreamerv3's score files;
 the file says which). Both count env steps as environment frames at action repeat 2. Run by hand:
 
-    python benchmarks/walker_report.py ~/studies/walker_main --zeroshot ~/studies/walker_main/zeroshot_double_box.jsonl
+    python benchmarks/walker_report.py ~/studies/walker_ratio256 --zeroshot ~/studies/walker_ratio256/zeroshot_double_box.jsonl
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ class Args:
     """Output folder."""
     reps: int = 2000
     """Bootstrap resamples of the aggregate."""
+    compare: str = ""
+    """Another run directory whose evaluation curve is drawn beside this run's (e.g. the side-by-side)."""
+    compare_label: str = "DALI-S, compared run"
+    """The legend entry of --compare."""
+    label: str = "DALI-S, this run (double_box training contexts)"
+    """The legend entry of RUN."""
 
 
 def published_curve(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -72,8 +78,10 @@ def main(args: Args) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.fill_between(steps / 1000, returns.min(0), returns.max(0), color="gray", alpha=0.25, lw=0)
     ax.plot(steps / 1000, mean, color="gray", lw=1.5, label="DreamerV3 walker-walk, published (5 seeds; range shaded)")
-    ax.plot(np.array(ours["steps"]) / 1000, ours["return"], color="C0", marker="o", ms=3, lw=1.5,
-            label="DALI-S, this run (double_box training contexts)")  # fmt: skip
+    ax.plot(np.array(ours["steps"]) / 1000, ours["return"], color="C0", marker="o", ms=3, lw=1.5, label=args.label)
+    if args.compare:
+        other = curve(Path(args.compare).expanduser())
+        ax.plot(np.array(other["steps"]) / 1000, other["return"], color="C1", marker="s", ms=3, lw=1, ls="--", label=args.compare_label)
     ax.set_xlabel("env steps (thousands; frames at action repeat 2)")
     ax.set_ylabel("evaluation return")
     ax.set_ylim(0, 1000)
