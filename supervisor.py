@@ -24,7 +24,9 @@ Which came first matters, and handlers cannot tell: a supervisor that is not sch
 SIGTERM and the runner's death (USR1) reached it would see them in signal-number order, USR1 first, and
 forward a second SIGTERM. So the supervisor blocks these signals and takes them one at a time from the
 kernel's pending set (sigtimedwait); a USR1 with a SIGTERM or SIGINT pending beside it is one stop of the
-whole job, not a request to forward.
+whole job, not a request to forward. A job stop that lands after the supervisor's last look and before it
+forks the child reaches the supervisor alone; the child finds it in the supervisor's pending set before
+exec and does not start.
 
 Exit status: the child's; 128 + N when a signal N ended it (as a shell reports it).
 """
@@ -36,10 +38,20 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 STOPS = {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT}  # blocked, and taken by sigtimedwait
 GROUP_STOPS = {signal.SIGTERM, signal.SIGINT}  # the child got these too
+
+
+def pending_in(pid: int) -> set[int]:
+    """The signals pending for process `pid`, for its main thread or the whole process (from /proc)."""
+    mask = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            mask |= int(line.split()[1], 16)
+    return {s for s in signal.Signals if mask >> (s - 1) & 1}
 
 
 class Supervisor:
@@ -64,8 +76,15 @@ class Supervisor:
         if os.getppid() != runner_pid or signal.sigpending() & STOPS:  # the runner died before prctl, or
             return 128 + signal.SIGTERM  # a stop came before the child exists: start none
 
+        supervisor = os.getpid()
+
         def child_setup() -> None:  # in the child, before exec
             libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))  # fires once: the supervisor is single-threaded
+            # A job stop that reached the supervisor after the check above but before the fork never reached
+            # this child, and the supervisor will not forward it: start nothing. (One after the fork is
+            # pending here too; ending now is the same stop.)
+            if os.getppid() != supervisor or pending_in(supervisor) & GROUP_STOPS:
+                os._exit(128 + signal.SIGTERM)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)

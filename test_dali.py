@@ -2146,6 +2146,7 @@ import code_version  # noqa: E402
 import study_executors  # noqa: E402
 import study_runs  # noqa: E402
 import sweep  # noqa: E402
+import supervisor  # noqa: E402
 
 REPO = Path(__file__).resolve().parent
 # The tiny run of test_dali.py's TINY_FLAGS, less the flags a study sets itself (task, threads)
@@ -2417,10 +2418,11 @@ SUPERVISED_CHILD = """
 import signal, sys, time
 out = sys.argv[1]
 deadline = time.time() + float(sys.argv[2])
+grace = float(sys.argv[3]) if len(sys.argv) > 3 else 1.5  # seconds of finishing up after a SIGTERM
 def term(signum, frame):
     global deadline
     open(out, "a").write("TERM\\n")
-    deadline = min(deadline, time.time() + 1.5)
+    deadline = min(deadline, time.time() + grace)
 signal.signal(signal.SIGTERM, term)
 open(out + ".ready", "w").close()
 while time.time() < deadline:
@@ -2432,11 +2434,11 @@ open(out, "a").write("EXIT\\n")
 # threads alive (each exiting thread of a dying runner would be a parent-death signal of its own)
 SUPERVISED_RUNNER = """
 import os, signal, subprocess, sys, threading, time
-child, out, seconds, stop = sys.argv[1:5]
+child, out, seconds, stop, grace = sys.argv[1:6]
 for _ in range(4):
     threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 def launch():
-    p = subprocess.Popen([sys.executable, "-m", "supervisor", str(os.getpid()), child, out, seconds], start_new_session=True)
+    p = subprocess.Popen([sys.executable, "-m", "supervisor", str(os.getpid()), child, out, seconds, grace], start_new_session=True)
     open(out + ".pid", "w").write(str(p.pid))
     while not os.path.exists(out + ".ready"):
         time.sleep(0.05)
@@ -2452,9 +2454,9 @@ worker.join()
 def test_supervisor_gives_its_child_exactly_one_sigterm_however_the_runner_ends(tmp_path):
     (tmp_path / "child.py").write_text(SUPERVISED_CHILD)
 
-    def start(name: str, seconds: float = 60, stop: int = 0) -> tuple[subprocess.Popen, Path]:
+    def start(name: str, seconds: float = 60, stop: int = 0, grace: float = 1.5) -> tuple[subprocess.Popen, Path]:
         out = tmp_path / name
-        runner = subprocess.Popen([sys.executable, "-c", SUPERVISED_RUNNER, str(tmp_path / "child.py"), str(out), str(seconds), str(stop)], cwd=REPO)
+        runner = subprocess.Popen([sys.executable, "-c", SUPERVISED_RUNNER, str(tmp_path / "child.py"), str(out), str(seconds), str(stop), str(grace)], cwd=REPO)
         wait_for(Path(f"{out}.ready").exists, 60, f"{name}: the child to start")
         return runner, out
 
@@ -2483,7 +2485,7 @@ def test_supervisor_gives_its_child_exactly_one_sigterm_however_the_runner_ends(
     assert signals(out) == ["TERM", "EXIT"]
     # the same, with the supervisor not scheduled until both the job's SIGTERM and the runner's death
     # reached it (a loaded machine): it still sees that the SIGTERM came first, whatever the signal numbers
-    runner, out = start("job signalled, supervisor late")
+    runner, out = start("job signalled, supervisor late", grace=20)  # the child lives until SIGCONT and after
     pgid = int(Path(f"{out}.pid").read_text())
     os.kill(pgid, signal.SIGSTOP)  # the supervisor leads its session: pgid is its pid
     os.killpg(pgid, signal.SIGTERM)
@@ -2492,11 +2494,46 @@ def test_supervisor_gives_its_child_exactly_one_sigterm_however_the_runner_ends(
     runner.wait(timeout=30)
     time.sleep(0.5)  # the parent-death signal is sent as the runner exits
     os.kill(pgid, signal.SIGCONT)
-    assert signals(out) == ["TERM", "EXIT"]
+    time.sleep(2)  # a forwarded SIGTERM would have arrived by now; the child is still finishing up
+    assert out.read_text().split() == ["TERM"] and alive(pgid)
+    os.killpg(pgid, signal.SIGKILL)
     # a runner that lives and asks for nothing: no signal, and the child's exit status comes back
     runner, out = start("undisturbed", seconds=1)
     assert runner.wait(timeout=60) == 0 and signals(out) == ["EXIT"]
     assert Path(f"{out}.status").read_text() == "0"
+
+
+# A supervisor that does not see the job's SIGTERM before it forks (it lands in between: simulated by
+# hiding it from the supervisor's own check) must not start a child the SIGTERM never reached
+SUPERVISOR_STOPPED_BEFORE_FORK = """
+import os, signal, sys
+import supervisor
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+os.kill(os.getpid(), signal.SIGTERM)  # the job's stop, pending
+looks = [0]
+real = signal.sigpending
+def blind_first_look():
+    looks[0] += 1
+    return set() if looks[0] == 1 else real()
+signal.sigpending = blind_first_look
+sys.exit(supervisor.Supervisor().run(os.getppid(), sys.argv[1:]))
+"""
+
+
+def test_a_job_stop_that_lands_before_the_fork_starts_no_child(tmp_path):
+    (tmp_path / "child.py").write_text(SUPERVISED_CHILD)
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-c", SUPERVISOR_STOPPED_BEFORE_FORK, str(tmp_path / "child.py"), str(out), "3"], cwd=REPO, timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM
+    assert not Path(f"{out}.ready").exists() and not out.exists()  # the child never ran
+    # what the child reads: the signals pending for a process, blocked ones included
+    sleeper = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); print(flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    sleeper.stdout.readline()
+    assert supervisor.pending_in(sleeper.pid) == set()
+    sleeper.send_signal(signal.SIGTERM)
+    wait_for(lambda: supervisor.pending_in(sleeper.pid) == {signal.SIGTERM}, 10, "the SIGTERM to be pending")
+    sleeper.kill()
+    sleeper.wait()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,23 +23,36 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
+from checkpoint import saved_args  # noqa: E402
 import evaluate  # noqa: E402
 
 
 def clipped_evaluation(run_dir: Path, out: Path) -> tuple[list[dict], list[dict]]:
     """(the study's rows, the rows with the context clipped to [-1, 1]) of one cRSSM-S run directory; the
     clipped rows are written to `out` (never into the run directory, where they would pass for its results)."""
+    if (context := saved_args(run_dir / "train").agent.context) != "oracle":
+        raise SystemExit(f"error: {run_dir} trained with --context {context}; only an oracle agent reads the true context")
     study = [json.loads(line) for line in (run_dir / "zeroshot_single_0.jsonl").read_text().splitlines()]
-    normalize = envs.normalize_context
-    envs.normalize_context = lambda task, context: np.clip(normalize(task, context), -1.0, 1.0)
+    normalize, clipped = envs.normalize_context, []
+
+    def clip(task: str, context: dict) -> np.ndarray:
+        true = normalize(task, context)
+        clipped.append(bool((np.abs(true) > 1.0).any()))
+        return np.clip(true, -1.0, 1.0)
+
+    envs.normalize_context = clip
+    tmp = out.with_suffix(".tmp")
     try:
         rows = evaluate.run(evaluate.Run(checkpoint=str(run_dir / "train" / "ckpt.pt"), setting="single_0", episodes=len(study[0]["returns"]),
-                                         out=str(out), method="cRSSM-S (context clipped)", progress=False))  # fmt: skip
+                                         out=str(tmp), method="cRSSM-S (context clipped)", progress=False))  # fmt: skip
     finally:
         envs.normalize_context = normalize
+    if not any(clipped):  # e.g. the environment no longer reads normalize_context through the module
+        raise SystemExit(f"error: {run_dir}: no out-of-range context was clipped; the patch did not reach the evaluation")
     for s, c in zip(study, rows):
         if s["regime"] == "interpolation" and s["returns"] != c["returns"]:
             raise SystemExit(f"error: {run_dir}: at {s['context']} the clipped evaluation differs from the study's inside the training range")
+    tmp.replace(out)  # only a checked evaluation lands beside the results
     return study, rows
 
 
