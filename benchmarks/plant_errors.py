@@ -127,6 +127,12 @@ MACHINERY = [
     ("checkpoint.py", "\"agent\": agent, \"counters\"", "\"agent\": agent, \"optimizers\": ckpt[\"optimizers\"], \"counters\"", "export keeps the optimisers' state", "pretrained"),
     ("checkpoint.py", "        agent.load_state_dict(ckpt[\"agent\"])", "        agent.load_state_dict({k: v for k, v in ckpt[\"agent\"].items() if not k.startswith(\"wm.\")}, strict=False)",
      "the world model's weights are not loaded", "shipped"),
+    ("supervisor.py", "        job_stop = signum in GROUP_STOPS or bool(signal.sigpending() & GROUP_STOPS)", "        job_stop = signum in GROUP_STOPS",
+     "a runner's death with the job's SIGTERM pending forwards a second SIGTERM", "supervisor_gives"),
+    ("supervisor.py", "            if os.getppid() != supervisor or pending_in(supervisor) & GROUP_STOPS:", "            if os.getppid() != supervisor:",
+     "a job stop that lands before the fork is lost: the child starts", "before_the_fork"),
+    ("checkpoint.py", "    ratio = TRAIN_RATIO.get((size, task), TRAIN_RATIO.get((size, None), Args.train_ratio))", "    ratio = TRAIN_RATIO.get((size, None), Args.train_ratio)",
+     "walker's train ratio falls back to the preset's", "size_presets"),
 ]
 
 # The second half of "previous action not zeroed" (the sequence loop), applied together with the first.
