@@ -66,7 +66,7 @@ def return_by_context(returns: dict[str, np.ndarray], contexts: list[dict], feat
         x = np.asarray([contexts[i][name] for i in cols])
         ax.axvspan(*f.train_range, color="gray", alpha=0.15, label="training range")
         for method, r in returns.items():
-            ax.plot(x, r[:, cols].mean(0), marker="o", ms=3, label=f"{method} ({len(r)} seeds)")
+            ax.plot(x, r[:, cols].mean(0), marker="o", ms=3, label=f"{method} ({len(r)} seed{'s' if len(r) > 1 else ''})")
             ax.fill_between(x, r[:, cols].min(0), r[:, cols].max(0), alpha=0.2)
         if random is not None:
             ax.plot(x, random[cols], color="k", ls="--", lw=1, label="uniform random policy")
