@@ -119,6 +119,17 @@ def preset(size: str, task: str) -> Args:
     return Args(task=task, size=size, rssm=rssm, agent=AgentConfig(**agent), train_ratio=ratio)
 
 
+def peek(argv: list[str], flag: str, default: str) -> str:
+    """The value of `flag` in argv (`--flag v` or `--flag=v`; the last one wins), before tyro parses it."""
+    value = default
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(f"{flag}="):
+            value = a.split("=", 1)[1]
+    return value
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------

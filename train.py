@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import code_version
 import envs
-from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, plain_numpy_state, preset, resolve_device, save_checkpoint, saved_args
+from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, peek, plain_numpy_state, preset, resolve_device, save_checkpoint, saved_args
 from dali import context_prefix
 from layers import require_finite
 from rollout import episode_returns
@@ -277,17 +277,6 @@ def main(args: Args) -> dict:
         print(f"{signal.Signals(stop.signum).name}: saved {ckpt_path} at {c['env_steps']} env steps; continue with --resume", file=sys.stderr)
         raise SystemExit(128 + stop.signum)
     return c
-
-
-def peek(argv: list[str], flag: str, default: str) -> str:
-    """The value of `flag` in argv (`--flag v` or `--flag=v`; the last one wins), before tyro parses it."""
-    value = default
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(f"{flag}="):
-            value = a.split("=", 1)[1]
-    return value
 
 
 def cli(argv: list[str] | None = None) -> Args:
