@@ -1999,22 +1999,39 @@ def test_the_pretrained_folder_lists_exactly_its_files():
 
 
 @pytest.mark.parametrize("path", _shipped_agents(), ids=lambda p: p.name)
-def test_each_shipped_agent_loads_and_does_its_task(path):
+def test_each_shipped_agent_loads_and_does_what_it_is_shipped_for(path):
     """Each file in pretrained/ loads with this commit's code as a pretrained agent of its recorded task and
-    still does what it learned: from fixed reset seeds in its check's context, the mean return reaches the
-    check's bound (untrained or mis-loaded weights fall far below it; zeroing DALI-S's ctx alone does not:
-    871 against 850 for ball_in_cup_dali_s.pt, so this checks the agent, not its context path)."""
+    still does what it is shipped for, by the checks its agents.json entry lists:
+    - min_mean_return: from fixed reset seeds in the check's context, the mean return reaches the bound
+      (untrained or mis-loaded weights fall far below it; zeroing DALI-S's ctx alone does not: 871 against
+      850 for ball_in_cup_dali_s.pt, so this checks the agent, not its context path);
+    - ctx_order: acting in each of several values of one context feature, the agent's own ctx_t (mean of
+      ctx[dim] over the second half of `steps` steps, over the seeds) moves strictly monotonically with the
+      value, in the direction `sign` (the sign of the probe's correlation). This is the check of an agent
+      shipped for its dreams rather than its returns (ball_in_cup_dali_d.pt did not learn the task)."""
     import json
 
-    from rollout import episode_returns
+    from dreams import inferred_context
+    from rollout import episode_returns, record
 
     check = json.loads((path.parent / "agents.json").read_text())[path.name]["check"]
+    assert {"min_mean_return", "ctx_order"} & check.keys(), f"{path.name}: agents.json lists no check"
     assert checkpoint.load_checkpoint(path)["kind"] == "pretrained"
     args, agent, _ = checkpoint.load_agent(path)
-    context = envs.validate_context(args.task, {**envs.default_context(args.task), **check["context"]})
-    torch.manual_seed(0)
-    returns = episode_returns(agent, args.task, args.obs, args.action_repeat, [(context, s) for s in check["seeds"]], batch=len(check["seeds"]))
-    assert np.mean(returns) >= check["min_mean_return"], (path.name, returns)
+    base = envs.default_context(args.task)
+    if "min_mean_return" in check:
+        context = envs.validate_context(args.task, {**base, **check["context"]})
+        torch.manual_seed(0)
+        returns = episode_returns(agent, args.task, args.obs, args.action_repeat, [(context, s) for s in check["seeds"]], batch=len(check["seeds"]))
+        assert np.mean(returns) >= check["min_mean_return"], (path.name, returns)
+    if "ctx_order" in check:
+        order = check["ctx_order"]
+        values, seeds, steps = order["values"], order["seeds"], order["steps"]
+        jobs = [(envs.validate_context(args.task, {**base, order["feature"]: v}), s) for v in values for s in seeds]
+        torch.manual_seed(0)
+        ctx = inferred_context(agent, record(agent, args.task, args.obs, args.action_repeat, jobs, steps, "cpu"), "cpu")
+        mean = ctx[:, steps // 2 :, order["dim"]].mean(1).reshape(len(values), len(seeds)).mean(1)  # (values,)
+        assert bool((order["sign"] * mean.diff() > 0).all()), (path.name, order["feature"], values, mean.tolist())
 
 
 def test_aggregate_rejects_bad_results_files(tiny_dali_run, tmp_path):
