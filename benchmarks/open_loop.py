@@ -1,0 +1,106 @@
+"""How well does each world model imagine? Open-loop prediction error on one shared set of real episodes.
+
+A diagnostic for the study's agents (DALI, Röder et al., arXiv:2508.20294, Sec. 6; DreamerV3's imagination,
+Hafner et al. 2023, Sec. 2): the actor learns only from imagined rollouts, so a world model whose prior
+cannot roll the task forward gives the actor nothing to learn from, however small its training loss. Here
+one agent's policy (--recorder) records episodes on a setting's grid; every checkpoint then filters each
+episode up to each of --starts with its own posterior (its own ctx, if it has one), imagines --horizon steps
+open loop with the recorded actions (dreams.dream with no ctx shift: how the actor's rollouts begin), and
+decodes. The error is the RMSE between decoded and real observations per imagined step, over all episodes
+and start steps. Which policy records matters: a model is best on the states its own policy visits, so
+measure on each agent's data in turn.
+
+    python benchmarks/open_loop.py --recorder ~/studies/bic_gravity/DALI-S_s0/train \\
+        --checkpoints ~/studies/bic_gravity/DALI-S_s0/train ~/studies/bic_dali_d/DALI-D_s0/train --out open_loop.json
+
+Features only (an image model's error would be in pixels). Run by hand, never by CI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import tyro
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import envs  # noqa: E402
+from checkpoint import load_agent  # noqa: E402
+from counterfactual import OBS_NAMES  # noqa: E402
+from dreams import dream, inferred_context  # noqa: E402
+from evaluate import method_name  # noqa: E402
+from rollout import record  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Args:
+    recorder: str
+    """The checkpoint whose policy records the real episodes (the same episodes for every model)."""
+    checkpoints: tuple[str, ...]
+    """The world models to measure (train.py runs, checkpoints or pretrained agents of the recorder's task)."""
+    setting: str = "single_0"
+    """Contexts to record: this setting's evaluation grid."""
+    episodes: int = 4
+    """Episodes per context."""
+    starts: tuple[int, ...] = (64, 96, 128, 160, 192)
+    """Real steps filtered before imagining (>= the context window K, so ctx has a full window)."""
+    horizon: int = 15
+    """Imagined steps (the actor's imagination horizon H is 15)."""
+    seed: int = 200_000
+    """Reset seed of the recorded episodes and the dreams' random numbers."""
+    out: str = ""
+    """Output JSON (default: print only)."""
+
+
+def open_loop_rmse(path: str, ep, starts: tuple[int, ...], horizon: int, seed: int) -> tuple[str, np.ndarray]:
+    """A checkpoint's label and its RMSE (H+1, O) between decoded and real observations, step 0 = filtered."""
+    args, agent, _ = load_agent(path)
+    E, T = ep.x.shape[:2]
+    learned = args.agent.context == "learned"
+    ctx = inferred_context(agent, ep, "cpu") if learned else torch.zeros(E, T, 1)  # (E, T, X); unused without one
+    if args.agent.context == "oracle":
+        raise SystemExit(f"error: {path} is a --context oracle agent; this measures learned-context and context-free models")
+    index, sq = torch.arange(E), []
+    for start in starts:
+        actions = ep.action[:, start + 1 : start + 1 + horizon]  # (E, H, A): a_t for t = start .. start+H-1
+        decoded = dream(agent, ep, ctx, index, start, horizon, actions, torch.zeros(1, ctx.shape[-1]), seed)[0]  # (E, H+1, O)
+        sq.append((decoded - ep.x[:, start : start + horizon + 1].float()) ** 2)  # (E, H+1, O)
+    label = f"{method_name(args.agent.context, args.agent.integration, args.ctx.cross_weight)}_s{args.seed}"
+    return label, torch.cat(sq).mean(0).sqrt().numpy()
+
+
+def main(a: Args) -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(a.seed)
+    args, recorder, _ = load_agent(a.recorder)
+    if args.obs != "features":
+        raise SystemExit(f"error: {a.recorder} is a --obs {args.obs} agent; open_loop.py measures feature models")
+    steps = max(a.starts) + a.horizon + 1
+    if min(a.starts) < 1 or steps > 1000 // args.action_repeat:
+        raise SystemExit(f"error: --starts {a.starts} with --horizon {a.horizon} must lie in [1, {1000 // args.action_repeat - a.horizon - 1}]")
+    grid = envs.eval_contexts(args.task, a.setting)
+    jobs = [(c, a.seed + i * a.episodes + e) for i, (c, _) in enumerate(grid) for e in range(a.episodes)]
+    ep = record(recorder, args.task, args.obs, args.action_repeat, jobs, steps, "cpu")
+    names = OBS_NAMES.get(args.task, [f"obs[{i}]" for i in range(ep.x.shape[-1])])
+    result = {"task": args.task, "setting": a.setting, "episodes": len(jobs), "starts": a.starts, "horizon": a.horizon,
+              "recorder": a.recorder, "obs": names, "rmse": {}}  # fmt: skip
+    print(f"{len(jobs)} episodes of {args.task} on {a.setting}, recorded by {a.recorder}; RMSE after k imagined steps from steps {a.starts}")
+    for path in a.checkpoints:
+        label, rmse = open_loop_rmse(path, ep, a.starts, a.horizon, a.seed)
+        result["rmse"][label] = {"checkpoint": path, "per_step": rmse.tolist()}
+        print(f"\n{label}\n{'obs':>10} " + " ".join(f"k={k:<5}" for k in (1, 5, 10, a.horizon)))
+        for o, name in enumerate(names):
+            print(f"{name:>10} " + " ".join(f"{rmse[k, o]:<7.3f}" for k in (1, 5, 10, a.horizon)))
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {a.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, description=__doc__))
