@@ -61,10 +61,9 @@ def open_loop_rmse(path: str, ep, starts: tuple[int, ...], horizon: int, seed: i
     """A checkpoint's label and its RMSE (H+1, O) between decoded and real observations, step 0 = filtered."""
     args, agent, _ = load_agent(path)
     E, T = ep.x.shape[:2]
-    learned = args.agent.context == "learned"
-    ctx = inferred_context(agent, ep, "cpu") if learned else torch.zeros(E, T, 1)  # (E, T, X); unused without one
     if args.agent.context == "oracle":
         raise SystemExit(f"error: {path} is a --context oracle agent; this measures learned-context and context-free models")
+    ctx = inferred_context(agent, ep, "cpu") if args.agent.context == "learned" else torch.zeros(E, T, 1)  # (E, T, X); unused without one
     index, sq = torch.arange(E), []
     for start in starts:
         actions = ep.action[:, start + 1 : start + 1 + horizon]  # (E, H, A): a_t for t = start .. start+H-1
