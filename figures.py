@@ -25,21 +25,23 @@ def zeroshot_figure(summary: dict, path: str) -> None:
     regimes = list(summary["metrics"])
     methods = list(summary["metrics"][regimes[0]])
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
-    top = max(v["IQM"]["ci"][1] for reg in regimes for v in summary["metrics"][reg].values())
+    top = max((v["IQM"]["ci"] or [v["IQM"]["value"]])[-1] for reg in regimes for v in summary["metrics"][reg].values())
     xmax = 1.0 if top > 0.5 else max(0.05, 1.2 * top)  # weak agents: zoom in rather than show empty bars
     fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(3.0 * (len(regimes) + 1) + 1, 0.5 * len(methods) + 1.8))
     for ax, reg in zip(axes, regimes):
         for i, m in enumerate(methods):
             v = summary["metrics"][reg][m]["IQM"]
             ax.barh(i, v["value"], color=colors[m], alpha=0.75)
-            ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], color="k", capsize=3)
+            if v["ci"]:  # a single run has none
+                ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], color="k", capsize=3)
         ax.set_yticks(range(len(methods)), methods if ax is axes[0] else [""] * len(methods))
         ax.set_xlim(0, xmax)
         ax.set_title(reg)
         ax.set_xlabel("IQM normalised score")
     ax, pairs = axes[-1], summary["improvement"].get("all", {})
     for i, (pair, v) in enumerate(pairs.items()):
-        ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], fmt="o", color=colors[pair.split(" > ")[0]], capsize=3)
+        xerr = [[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]] if v["ci"] else None
+        ax.errorbar(v["value"], i, xerr=xerr, fmt="o", color=colors[pair.split(" > ")[0]], capsize=3)
     ax.axvline(0.5, color="gray", ls="--", lw=1)
     ax.set_yticks(range(len(pairs)), [p.replace(" > ", " > \n") for p in pairs], fontsize=7)
     ax.set_xlim(0, 1)

@@ -175,7 +175,7 @@ def aggregate(
 
 
 def format_table(summary: dict) -> str:
-    fmt = lambda d: f"{d['value']:.3f} [{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]"  # noqa: E731
+    fmt = lambda d: f"{d['value']:.3f} " + (f"[{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]" if d["ci"] else "(1 run, no CI)")  # noqa: E731
     seeds = ", ".join(f"{m} {n}" for m, n in summary["seeds"].items())
     lines = [f"{summary['task']} {summary['setting']}, seeds per method: {seeds}; 95% stratified-bootstrap CIs, "
              f"scores normalised {summary.get('normalisation', '')}"]  # fmt: skip

@@ -11,7 +11,9 @@ In evaluate.py a run is a training seed and a task is an evaluation context. Sco
     P(X > Y)             per task, P(x > y) + P(x = y) / 2 over all pairs of runs (the Mann-Whitney U
                          statistic / (M_X M_Y)), averaged over tasks
     95% CIs              percentile intervals of a stratified bootstrap: each task's runs are resampled with
-                         replacement, independently per task (for P(X > Y), X's and Y's independently)
+                         replacement, independently per task (for P(X > Y), X's and Y's independently).
+                         A method with a single run has no CI (None): resampling one run always returns it,
+                         and the interval [x, x] would read as certainty rather than as no evidence of spread.
 """
 
 from __future__ import annotations
@@ -66,11 +68,16 @@ def interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, floa
 
 
 def metric_with_ci(x: np.ndarray, metric, reps: int, rng: np.random.Generator, confidence: float = 0.95) -> dict:
-    """{"value", "ci": [lo, hi]} of an aggregate metric of scores x (M, N)."""
+    """{"value", "ci": [lo, hi]} of an aggregate metric of scores x (M, N); "ci" is None when M = 1."""
+    if len(x) < 2:
+        return {"value": float(metric(x)), "ci": None}
     return {"value": float(metric(x)), "ci": list(interval(metric(bootstrap(x, reps, rng)), confidence))}
 
 
 def improvement_with_ci(x: np.ndarray, y: np.ndarray, reps: int, rng: np.random.Generator, confidence: float = 0.95) -> dict:
-    """{"value", "ci"} of P(X > Y), resampling X's and Y's runs independently (stratified by task)."""
+    """{"value", "ci"} of P(X > Y), resampling X's and Y's runs independently (stratified by task); "ci" is
+    None when either method has a single run (the interval would ignore that method's spread)."""
+    if min(len(x), len(y)) < 2:
+        return {"value": float(probability_of_improvement(x, y)), "ci": None}
     samples = probability_of_improvement(bootstrap(x, reps, rng), bootstrap(y, reps, rng))
     return {"value": float(probability_of_improvement(x, y)), "ci": list(interval(samples, confidence))}

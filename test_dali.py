@@ -1266,6 +1266,25 @@ def test_a_methods_confidence_intervals_do_not_depend_on_the_other_methods_aggre
     assert three["metrics"]["all"]["DALI-S"]["IQM"]["ci"] != aggregate(a + b, reps=300, seed=1)["metrics"]["all"]["DALI-S"]["IQM"]["ci"]
 
 
+def test_a_method_with_one_run_reports_no_confidence_interval(tmp_path):
+    # resampling a single run returns it every time: its "CI" would be [x, x], which reads as certainty
+    from figures import zeroshot_figure
+    from results import RunResult, aggregate, format_table
+
+    rng = np.random.default_rng(0)
+    regimes = ["interpolation"] * 3 + ["extrapolation"] * 4
+    run = lambda method, seed: RunResult("", "ball_in_cup", "single_0", method, seed, regimes, rng.uniform(0, 1000, (7, 5)))  # noqa: E731
+    summary = aggregate([run("walker-like", 0), run("DALI-S", 0), run("DALI-S", 1)], reps=200)
+    for reg in ("interpolation", "extrapolation", "all"):
+        assert all(v["ci"] is None for v in summary["metrics"][reg]["walker-like"].values())
+        assert all(v["ci"][0] < v["ci"][1] for v in summary["metrics"][reg]["DALI-S"].values())
+        assert all(v["ci"] is None for v in summary["improvement"][reg].values())  # one side has a single run
+    table = format_table(summary)
+    assert "(1 run, no CI)" in table and "[" in table
+    zeroshot_figure(summary, str(tmp_path / "fig.png"))
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+
+
 # ----------------------------------------------------------------------------------------------------
 # train.py: the real CLI, checkpoints, exact resume, bad input
 # ----------------------------------------------------------------------------------------------------
