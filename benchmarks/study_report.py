@@ -6,6 +6,7 @@ writes, under --out:
     runs/<method>_s<seed>.jsonl    each finished run's zero-shot results (evaluate.py run), copied
     curves.json                    each run's evaluation return against env steps, its updates and hours
     cost.md                        a table: env steps, updates, wall-clock hours and updates/hour per run
+    contexts.md                    each finished run's mean zero-shot return per regime and per grid context
     learning_curves.png            evaluation return against env steps, one line per run
     zeroshot_R1000.{json,txt,png}, zeroshot_R1000_contexts.png         scores R / 1000
     zeroshot_per_context.{json,txt,png}, zeroshot_per_context_contexts.png   (R - random_c) / (expert_c - random_c)
@@ -33,8 +34,10 @@ import tyro
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import envs  # noqa: E402
 from evaluate import method_name  # noqa: E402
 from figures import _pyplot  # noqa: E402
+from results import REGIMES, read_results  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,22 @@ def probes(runs: list[Path], out: Path, args: Args) -> None:
         print("\n".join(head + rows))
 
 
+def context_table(files: list[Path]) -> str:
+    """Each finished run's mean zero-shot return (over its episodes) per regime and per grid context, a row per run."""
+    results = sorted((read_results(str(f)) for f in files), key=lambda r: (r.method, r.seed))
+    task, setting = results[0].task, results[0].setting
+    grid, varied = envs.eval_contexts(task, setting), envs.varied_features(task, setting)
+    regimes = [reg for reg in REGIMES if reg == "all" or reg in results[0].regimes]
+    head = f"| run | {' | '.join(regimes)} | " + " | ".join("/".join(f"{c[n]:g}" for n in varied) for c, _ in grid) + " |"
+    lines = [f"{task} {setting}: mean zero-shot return per run; the context columns are {'/'.join(varied)}.", "", head,
+             "|---" * (1 + len(regimes) + len(grid)) + "|"]  # fmt: skip
+    for r in results:
+        per_context = r.returns.mean(1)  # (contexts,)
+        by_regime = [per_context[[reg == "all" or g == reg for g in r.regimes]].mean() for reg in regimes]
+        lines.append(f"| {r.method} s{r.seed} | " + " | ".join(f"{v:.1f}" for v in by_regime) + " | " + " | ".join(f"{v:.0f}" for v in per_context) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(args: Args) -> None:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -160,6 +179,8 @@ def main(args: Args) -> None:
     if not files:
         print("no finished runs yet: no aggregate")
         return
+    (out / "contexts.md").write_text(context_table(files))
+    print(context_table(files))
     for name, extra in (("zeroshot_R1000", []), ("zeroshot_per_context", ["--reference", args.reference])):
         cmd = [sys.executable, str(REPO / "evaluate.py"), "aggregate", *map(str, files), "--out", str(out / name), "--reps", str(args.reps), *extra]
         text = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
