@@ -19,6 +19,11 @@ def _pyplot():
     return plt
 
 
+def _xerr(v: dict) -> list | None:
+    """Error-bar extents of {"value", "ci"}; None (no bar) for a single run's missing CI."""
+    return [[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]] if v["ci"] else None
+
+
 def zeroshot_figure(summary: dict, path: str) -> None:
     """IQM bars with 95% CIs per regime, and P(X > Y) with CIs over all contexts."""
     plt = _pyplot()
@@ -32,16 +37,14 @@ def zeroshot_figure(summary: dict, path: str) -> None:
         for i, m in enumerate(methods):
             v = summary["metrics"][reg][m]["IQM"]
             ax.barh(i, v["value"], color=colors[m], alpha=0.75)
-            if v["ci"]:  # a single run has none
-                ax.errorbar(v["value"], i, xerr=[[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]], color="k", capsize=3)
+            ax.errorbar(v["value"], i, xerr=_xerr(v), color="k", capsize=3)
         ax.set_yticks(range(len(methods)), methods if ax is axes[0] else [""] * len(methods))
         ax.set_xlim(0, xmax)
         ax.set_title(reg)
         ax.set_xlabel("IQM normalised score")
     ax, pairs = axes[-1], summary["improvement"].get("all", {})
     for i, (pair, v) in enumerate(pairs.items()):
-        xerr = [[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]] if v["ci"] else None
-        ax.errorbar(v["value"], i, xerr=xerr, fmt="o", color=colors[pair.split(" > ")[0]], capsize=3)
+        ax.errorbar(v["value"], i, xerr=_xerr(v), fmt="o", color=colors[pair.split(" > ")[0]], capsize=3)
     ax.axvline(0.5, color="gray", ls="--", lw=1)
     ax.set_yticks(range(len(pairs)), [p.replace(" > ", " > \n") for p in pairs], fontsize=7)
     ax.set_xlim(0, 1)

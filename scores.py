@@ -69,15 +69,14 @@ def interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, floa
 
 def metric_with_ci(x: np.ndarray, metric, reps: int, rng: np.random.Generator, confidence: float = 0.95) -> dict:
     """{"value", "ci": [lo, hi]} of an aggregate metric of scores x (M, N); "ci" is None when M = 1."""
-    if len(x) < 2:
-        return {"value": float(metric(x)), "ci": None}
-    return {"value": float(metric(x)), "ci": list(interval(metric(bootstrap(x, reps, rng)), confidence))}
+    ci = list(interval(metric(bootstrap(x, reps, rng)), confidence)) if len(x) > 1 else None
+    return {"value": float(metric(x)), "ci": ci}
 
 
 def improvement_with_ci(x: np.ndarray, y: np.ndarray, reps: int, rng: np.random.Generator, confidence: float = 0.95) -> dict:
     """{"value", "ci"} of P(X > Y), resampling X's and Y's runs independently (stratified by task); "ci" is
     None when either method has a single run (the interval would ignore that method's spread)."""
-    if min(len(x), len(y)) < 2:
-        return {"value": float(probability_of_improvement(x, y)), "ci": None}
-    samples = probability_of_improvement(bootstrap(x, reps, rng), bootstrap(y, reps, rng))
-    return {"value": float(probability_of_improvement(x, y)), "ci": list(interval(samples, confidence))}
+    ci = None
+    if min(len(x), len(y)) > 1:
+        ci = list(interval(probability_of_improvement(bootstrap(x, reps, rng), bootstrap(y, reps, rng)), confidence))
+    return {"value": float(probability_of_improvement(x, y)), "ci": ci}

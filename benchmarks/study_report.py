@@ -34,7 +34,7 @@ import tyro
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import envs  # noqa: E402
+from contexts import eval_contexts, varied_features  # noqa: E402
 from evaluate import method_name  # noqa: E402
 from figures import _pyplot  # noqa: E402
 from results import REGIMES, read_results  # noqa: E402
@@ -126,7 +126,7 @@ def context_table(files: list[Path]) -> str:
     """Each finished run's mean zero-shot return (over its episodes) per regime and per grid context, a row per run."""
     results = sorted((read_results(str(f)) for f in files), key=lambda r: (r.method, r.seed))
     task, setting = results[0].task, results[0].setting
-    grid, varied = envs.eval_contexts(task, setting), envs.varied_features(task, setting)
+    grid, varied = eval_contexts(task, setting), varied_features(task, setting)
     regimes = [reg for reg in REGIMES if reg == "all" or reg in results[0].regimes]
     head = f"| run | {' | '.join(regimes)} | " + " | ".join("/".join(f"{c[n]:g}" for n in varied) for c, _ in grid) + " |"
     lines = [f"{task} {setting}: mean zero-shot return per run; the context columns are {'/'.join(varied)}.", "", head,
@@ -179,8 +179,9 @@ def main(args: Args) -> None:
     if not files:
         print("no finished runs yet: no aggregate")
         return
-    (out / "contexts.md").write_text(context_table(files))
-    print(context_table(files))
+    table = context_table(files)
+    (out / "contexts.md").write_text(table)
+    print(table)
     for name, extra in (("zeroshot_R1000", []), ("zeroshot_per_context", ["--reference", args.reference])):
         cmd = [sys.executable, str(REPO / "evaluate.py"), "aggregate", *map(str, files), "--out", str(out / name), "--reps", str(args.reps), *extra]
         text = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
