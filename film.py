@@ -7,7 +7,8 @@ high gravity, or a ball_in_cup agent catching in low and high gravity).
 
 Each panel is one episode from a fresh agent state (rollout.play), filmed by the task's film camera: feature
 agents in MuJoCo's default look, pixel agents in the cheap look they were trained on. The GIF plays in real
-time and labels each panel with its context and return. Rendering uses MUJOCO_GL=egl (envs.py).
+time and labels each panel with its context and return. Rendering uses MUJOCO_GL=egl unless it is set (envs.py;
+no display is needed).
 
 Shapes: T frames, N panels (contexts), S x S pixels per panel.
 """
@@ -21,9 +22,8 @@ from typing import Literal
 import numpy as np
 import torch
 import tyro
-from dm_control.mujoco.engine import Camera
 
-import envs
+import envs  # first of the project's modules: it sets MUJOCO_GL before dm_control is imported
 from checkpoint import checkpoint_path, load_agent, resolve_device
 from dali import Agent
 from evaluate import writable_output
@@ -95,7 +95,7 @@ def film(
     """One episode per context in lockstep, filmed every `every` policy steps: frames (T, N, S, S, 3) uint8
     and the returns (N,)."""
     vec = VectorEnv([envs.make_env(task, obs, [c], seed + i, action_repeat) for i, c in enumerate(contexts)])
-    cameras = [Camera(env.physics, height=size, width=size, camera_id=camera) for env in vec.envs]
+    cameras = [envs.Camera(env.physics, height=size, width=size, camera_id=camera) for env in vec.envs]
     frames: list[np.ndarray] = []
     seen = [0]
 

@@ -40,15 +40,29 @@ class RandomPolicy:
         return torch.as_tensor(self.rng.uniform(-1, 1, (n, self.action_size)).astype(np.float32)), None
 
 
-def play(agent: Agent | RandomPolicy, vec: VectorEnv, sample: bool, device, on_state: Callable[[], None] | None = None) -> np.ndarray:
+class Interrupted(Exception):
+    """`stop` asked play / episode_returns to give up before the episodes ended (train.py: a signal)."""
+
+
+def play(
+    agent: Agent | RandomPolicy,
+    vec: VectorEnv,
+    sample: bool,
+    device,
+    on_state: Callable[[], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> np.ndarray:
     """One episode in every env of `vec`, from a fresh agent state: the returns (N,). `on_state` runs on every
-    state the agents act on, the first included (e.g. to render it)."""
+    state the agents act on, the first included (e.g. to render it); `stop`, before every step: when it says
+    True, Interrupted is raised."""
     o, info = vec.reset()
     if on_state is not None:
         on_state()
     state = agent.initial_state(vec.num_envs)
     total, done = np.zeros(vec.num_envs), np.zeros(vec.num_envs, bool)
     while not done.all():  # the VectorEnv auto-resets finished envs; their later rewards are ignored
+        if stop is not None and stop():
+            raise Interrupted
         oracle = torch.as_tensor(info["context_vector"], device=device) if agent.cfg.context == "oracle" else None
         action, state = agent.act({k: torch.as_tensor(v, device=device) for k, v in o.items()}, state, sample=sample, context=oracle)
         o, reward, term, trunc, info = vec.step(action.cpu().numpy())
@@ -69,15 +83,19 @@ def episode_returns(
     sample: bool = True,
     batch: int = 8,
     progress: tqdm | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[float]:
     """Return of one episode per (context, reset seed) job, `batch` envs acting in lockstep with the
-    current policy (no learning). Every episode starts with a fresh agent state."""
+    current policy (no learning). Every episode starts with a fresh agent state. `stop` is checked before
+    every step (play): when it says True, Interrupted is raised."""
     returns: list[float] = []
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         vec = VectorEnv([envs.make_env(task, obs, [context], seed, action_repeat) for context, seed in chunk])
-        returns += play(agent, vec, sample, device).tolist()
-        vec.close()
+        try:
+            returns += play(agent, vec, sample, device, stop=stop).tolist()
+        finally:
+            vec.close()
         if progress is not None:
             progress.update(len(chunk))
     return returns

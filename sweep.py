@@ -31,10 +31,10 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -45,6 +45,7 @@ from typing import Annotated, Union
 import tyro
 
 import code_version
+import dir_lock
 import envs
 from study_executors import SLURM_ENDED, Executor, check_sbatch, job_state, run_local, run_slurm, tracked_job
 from study_runs import METHODS, REPO, STUDY_FLAGS, RunSpec, Study, expand, write_atomic
@@ -133,6 +134,8 @@ def check_study(study: Study, how: Executor) -> None:
     if how.workers < 0 or how.threads < 1 or how.cpus_per_job < 0 or how.gpus_per_job < 0 or how.mem_gb < 0:
         problems.append(f"--workers {how.workers}, --threads {how.threads}, --cpus-per-job {how.cpus_per_job}, --gpus-per-job "
                         f"{how.gpus_per_job}, --mem-gb {how.mem_gb}: --threads must be >= 1, the others >= 0")  # fmt: skip
+    if not math.isfinite(how.mem_gb):  # nan passes `< 0`; inf would end in a traceback when rendered for sbatch
+        problems.append(f"--mem-gb {how.mem_gb}: must be a finite number >= 0 (0: the cluster's default)")
     if how.executor == "slurm":
         missing = [tool for tool in ("sbatch", "srun", "squeue", "scontrol") if shutil.which(tool) is None]
         if missing:
@@ -189,25 +192,14 @@ def check_dir(study: Study) -> None:
 
 
 def lock_dir(root: Path, name: str = "sweep.lock", wait: bool = False) -> int:
-    """flock DIR/<name> for as long as this process keeps the returned fd open (it dies with the process;
-    children do not inherit it). Without `wait`, a held lock is an error naming its holder."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / name, os.O_RDWR | os.O_CREAT, 0o644)
+    """flock DIR/<name> for as long as this process keeps the returned fd open (dir_lock.py: it dies with the
+    process; children do not inherit it). Without `wait`, a held lock is an error naming its holder."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = (root / name).read_text().strip() or "a process that has not written its name yet"
-        if not wait:
-            os.close(fd)
-            raise SystemExit(f"error: {root} is in use by another sweep.py: {holder}. One `sweep.py run` works in a "
-                             "study directory at a time: wait for it to end (its runs go on if it is stopped), or choose "
-                             "another --dir.") from None  # fmt: skip
-        print(f"waiting for {root / name}, held by {holder}", flush=True)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    os.ftruncate(fd, 0)
-    since = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}: {shlex.join(sys.argv)}\n".encode(), 0)
-    return fd
+        return dir_lock.acquire(root / name, wait)
+    except dir_lock.DirLocked as held:
+        raise SystemExit(f"error: {root} is in use by another sweep.py: {held}. One `sweep.py run` works in a "
+                         "study directory at a time: wait for it to end (its runs go on if it is stopped), or choose "
+                         "another --dir.") from None  # fmt: skip
 
 
 def claim_dir(study: Study, name: str) -> None:

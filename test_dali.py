@@ -1554,17 +1554,83 @@ def test_a_signal_saves_a_checkpoint_at_once_mid_episode_and_exits_cleanly(tmp_p
     assert seconds < 30, seconds
 
 
-@pytest.mark.parametrize("obs,integration", [("features", "deep"), ("pixels", "shallow")])
-def test_a_run_interrupted_mid_episode_resumes_bit_identically(tmp_path, monkeypatch, obs, integration):
-    """A SIGTERM in the middle of an episode, then --resume: parameters, optimiser states, replay, counters and
-    every logged metric equal an uninterrupted run's (learned context, so the context windows are restored too)."""
+def test_a_second_train_py_on_a_logdir_in_use_exits_at_once_naming_the_holder(tmp_path):
+    """Two train.py on one logdir would interleave metrics.jsonl and race on ckpt.pt.tmp: the second is refused
+    while the first runs, with the first's pid, host, start time and command; the lock ends with its holder."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "train.py", *TINY_FLAGS, "--action-repeat", "1", "--steps", "40000", "--log-every", "200",
+           "--save-every", "100000", "--logdir", str(tmp_path)]  # fmt: skip
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "prefill:" not in first.stdout.readline():  # it holds the lock from before its first line
+            assert first.poll() is None, first.stderr.read()[-2000:]
+        start = time.time()
+        second = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=120)
+        seconds = time.time() - start
+        assert first.poll() is None  # the first one runs on, undisturbed
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) == 128 + signal.SIGINT
+    finally:
+        first.kill()
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert f"error: {tmp_path} is in use by another train.py: pid {first.pid} on {socket.gethostname()} since 20" in second.stderr
+    assert f"train.py {' '.join(TINY_FLAGS[:4])}" in second.stderr  # the holder's command
+    assert seconds < 30, seconds  # at once: python and torch's import, no waiting
+    rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == sorted(json.loads(r)["step"] for r in rows)  # one writer
+    os.close(dir_lock.acquire(tmp_path / "train.lock"))  # the lock ended with its holder
+
+
+def test_a_second_signal_exits_at_once_even_when_both_arrive_during_one_long_c_call():
+    """Python runs a signal's handler between bytecodes, so two signals that land during one long torch op
+    would call it once: StopRequest counts the deliveries themselves. A first signal asks for a checkpoint
+    (signum set, no exit); a second, 50 ms later while the same matmul still runs, exits with 128 + its
+    number."""
+    import os
+    import signal
+    import subprocess
+
+    import time
+
+    a = torch.randn(3000, 3000)  # a product takes about a second on one thread: both signals land in one
+    stop, sender = train.StopRequest(), None
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        a[:10] @ a  # the handler ran: a request, no exit
+        assert stop.signum == signal.SIGINT and stop.count == 1
+        stop.signum, stop.count = 0, 0
+        sender = subprocess.Popen(["sh", "-c", f"sleep 0.3; kill -INT {os.getpid()}; sleep 0.05; kill -INT {os.getpid()}"])
+        start = time.time()
+        with pytest.raises(SystemExit) as stopped:
+            while time.time() - start < 20:
+                a @ a
+        assert stopped.value.code == 128 + signal.SIGINT
+    finally:
+        stop.restore()
+        if sender is not None:
+            sender.wait()
+
+
+@pytest.mark.parametrize("obs,integration,when", [("features", "deep", "update"), ("pixels", "shallow", "update"), ("features", "deep", "eval")])
+def test_a_run_interrupted_mid_episode_resumes_bit_identically(tmp_path, monkeypatch, obs, integration, when):
+    """A SIGTERM in the middle of an episode, or during a periodic evaluation, then --resume: parameters,
+    optimiser states, replay, counters and every logged metric equal an uninterrupted run's (learned
+    context, so the context windows are restored too). The evaluation stops at its next step and is redone
+    on resume, from the random streams it started with."""
     import json
     import os
     import signal
 
-    flags = [*TINY_FLAGS, "--obs", obs, "--integration", integration, "--steps", "4000"]
+    flags = [*TINY_FLAGS, "--obs", obs, "--integration", integration, "--steps", "4000", "--eval-episodes", "16"]
     train.main(train.cli([*flags, "--logdir", str(tmp_path / "full")]))
     sample, calls = train.Replay.sample, [0]
+    eval_calls = [0]
 
     def signalling(self, batch, length):  # the 30th batch is drawn at about env step 1,200 of the first 2,000-step episode
         calls[0] += 1
@@ -1572,11 +1638,26 @@ def test_a_run_interrupted_mid_episode_resumes_bit_identically(tmp_path, monkeyp
             os.kill(os.getpid(), signal.SIGTERM)
         return sample(self, batch, length)
 
-    monkeypatch.setattr(train.Replay, "sample", signalling)
+    class SignallingEval(rollout.VectorEnv):  # the evaluation at env step 2,000: 16 episodes of 20 steps in lockstep
+        def step(self, action):
+            eval_calls[0] += 1
+            if eval_calls[0] == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().step(action)
+
+    if when == "update":
+        monkeypatch.setattr(train.Replay, "sample", signalling)
+    else:
+        monkeypatch.setattr(rollout, "VectorEnv", SignallingEval)  # the evaluation's envs only
     with pytest.raises(SystemExit) as stopped:
         train.main(train.cli([*flags, "--logdir", str(tmp_path / "cut")]))
     assert stopped.value.code == 128 + signal.SIGTERM
-    assert checkpoint.load_checkpoint(tmp_path / "cut")["counters"]["env_steps"] % 2000 != 0  # mid-episode
+    cut = checkpoint.load_checkpoint(tmp_path / "cut")
+    if when == "update":
+        assert cut["counters"]["env_steps"] % 2000 != 0 and "eval_due" not in cut["acting"]  # mid-episode
+    else:  # abandoned at its next step, not after 16 x 20 steps; saved with its redo due, nothing logged at 2,000 yet
+        assert eval_calls[0] == 5 and cut["counters"]["env_steps"] == 2000 and cut["acting"]["eval_due"]
+        assert all(json.loads(line)["step"] < 2000 for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines())
     monkeypatch.undo()
     train.main(train.cli([*flags, "--logdir", str(tmp_path / "cut"), "--resume"]))
     a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("full", "cut"))
@@ -2179,6 +2260,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import code_version  # noqa: E402
+import dir_lock  # noqa: E402
 import study_executors  # noqa: E402
 import study_runs  # noqa: E402
 import sweep  # noqa: E402
@@ -2294,6 +2376,11 @@ def test_bad_input_fails_clearly_before_anything_is_launched(tmp_path, capsys, m
         sweep.main(["run", "--train-flags", "--batch-sise 3", "--dir", d])
     with pytest.raises(SystemExit, match="prefill 2500 >= --steps 100"):
         sweep.main(["run", "--steps", "100", "--dir", d])
+    for bad in ("nan", "inf", "-inf"):  # --mem-gb: finite and >= 0, a clear error rather than a traceback at rendering
+        with pytest.raises(SystemExit, match=f"--mem-gb {bad}: must be a finite number >= 0"):
+            sweep.main(["run", "--executor", "slurm", "--mem-gb", bad, "--dir", d])
+    with pytest.raises(SystemExit, match=r"--mem-gb -1.0: --threads must be >= 1, the others >= 0"):
+        sweep.main(["run", "--executor", "slurm", "--mem-gb", "-1", "--dir", d])
     assert not Path(d).exists()  # nothing was written, nothing launched
     # a SLURM executor without SLURM's tools
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))

@@ -16,15 +16,21 @@ Output in --logdir: args.json, code.json (the git commit of every launch: code_v
 
 Ctrl-C (SIGINT) or SIGTERM (what SLURM sends before it kills a job) saves a checkpoint after the current
 step, mid-episode too (each env's MuJoCo state and random streams, the agent's latent, previous action and
-context windows, the episode counters: resuming is exact), and exits with status 128 + the signal's number;
-a second signal exits at once, keeping the last checkpoint. `--resume` takes the run's own configuration from its
+context windows, the episode counters: resuming is exact), and exits with status 128 + the signal's number.
+A periodic evaluation in progress is abandoned at its next step, its random streams rewound, and redone
+first thing on resume. A second signal exits at once, keeping the last checkpoint; it counts as second
+even when it arrives while the first one's handler has not run yet (StopRequest), though two signals sent
+so close together that the kernel merges them arrive as one. `--resume` takes the run's own configuration from its
 logdir: only the flags in checkpoint.RESUMABLE (steps, threads, logging, evaluation, device) may change.
+One train.py works in a logdir at a time: it holds logdir/train.lock (dir_lock.py) while it runs, and a
+second one on the same logdir exits at once, naming the holder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import signal
 import sys
@@ -37,11 +43,12 @@ import tyro
 from tqdm import tqdm
 
 import code_version
+import dir_lock
 import envs
 from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, peek, plain_numpy_state, preset, resolve_device, save_checkpoint, saved_args
 from dali import context_prefix
 from layers import require_finite
-from rollout import episode_returns
+from rollout import Interrupted, episode_returns
 from replay import Replay
 from run_log import Logger, prepare_logdir
 from vector_env import VectorEnv
@@ -94,14 +101,34 @@ def to_torch(batch: dict[str, np.ndarray], device) -> dict[str, torch.Tensor]:
 
 class StopRequest:
     """SIGINT/SIGTERM handler: the first signal asks the loop to checkpoint after the current step and exit;
-    a second one exits at once (the last checkpoint stays as it was)."""
+    a second one exits at once (the last checkpoint stays as it was).
+
+    Python runs a handler between bytecodes, once for any number of signals of one kind that arrived during
+    a long C call (a torch op): two signals milliseconds apart would count as one. So deliveries are counted
+    where they happen, in the C-level handler, which writes one byte per delivery to the wakeup fd. Two
+    signals the kernel merges (sent before the process ran at all in between) are still one."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.signum, self.count = 0, 0
+        self._read, self._write = os.pipe()
+        for fd in (self._read, self._write):
+            os.set_blocking(fd, False)
+        self._previous_wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        self.previous = {s: signal.signal(s, self) for s in self.SIGNALS}
+
+    def deliveries(self) -> int:
+        """SIGINT and SIGTERM deliveries since the last call (bytes of the wakeup fd)."""
+        try:
+            data = os.read(self._read, 4096)
+        except BlockingIOError:
+            return 0
+        return sum(b in self.SIGNALS for b in data)
 
     def __call__(self, signum, frame) -> None:
-        if self.signum:
+        self.count += max(1, self.deliveries())  # this call stands for at least one delivery
+        if self.count > 1:
             raise SystemExit(128 + signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after the current step, then exiting "
@@ -110,15 +137,39 @@ class StopRequest:
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        signal.set_wakeup_fd(self._previous_wakeup)
+        os.close(self._read)
+        os.close(self._write)
+
+
+def lock_logdir(logdir: Path) -> int:
+    """Hold logdir/train.lock for this process (closing the returned fd releases it): two train.py on one
+    logdir would interleave metrics.jsonl and race on ckpt.pt."""
+    try:
+        return dir_lock.acquire(logdir / "train.lock")
+    except dir_lock.DirLocked as held:
+        raise SystemExit(f"error: {logdir} is in use by another train.py: {held}. One train.py works in a logdir at a "
+                         "time: wait for it to end (Ctrl-C or SIGTERM saves it, and --resume continues it), or choose "
+                         "another --logdir.") from None  # fmt: skip
 
 
 def main(args: Args) -> dict:
     check_args(args)
     resolve_device(args.device)  # fails before anything is written
     logdir = Path(args.logdir)
+    lock = lock_logdir(logdir)  # before the checkpoint is read: another train.py may be writing it
+    try:
+        return train(args, logdir)
+    finally:
+        os.close(lock)
+
+
+def train(args: Args, logdir: Path) -> dict:
+    """The run in `logdir`, which this process has locked (main)."""
     ckpt_path = logdir / "ckpt.pt"
     ckpt = load_checkpoint(ckpt_path, args) if args.resume else None
-    if ckpt is not None and ckpt["counters"]["env_steps"] >= args.steps:
+    eval_due = ckpt is not None and (ckpt.get("acting") or {}).get("eval_due", False)  # a signal abandoned its last evaluation
+    if ckpt is not None and ckpt["counters"]["env_steps"] >= args.steps and not eval_due:
         print(f"{logdir}: already trained for {ckpt['counters']['env_steps']} env steps >= --steps {args.steps}; nothing to do "
               "(pass a larger --steps to continue)")  # fmt: skip
         return ckpt["counters"]
@@ -204,10 +255,50 @@ def main(args: Args) -> dict:
             "agent": agent.state_dict_of(state),
             "at_boundary": at_boundary,
             "pending": {k: [v if torch.is_tensor(v) else float(v) for v in vs] for k, vs in logger.pending.items()},
+            **({"eval_due": True} if eval_due else {}),  # only then: checkpoints stay as older code wrote them
         }
         save_checkpoint(ckpt_path, {**payload, "replay": replay.state_dict(), "counters": dict(c), "rng": rng, "acting": acting})
 
+    def evaluate_log_save() -> bool:
+        """The end of a loop step: evaluate, log, checkpoint, each when due. False when a signal abandoned the
+        evaluation: its random streams are rewound, and the resumed run starts with this again (eval_due)."""
+        nonlocal eval_due, t_last, steps_last
+        if eval_due or (args.eval_every and c["env_steps"] - c["last_eval"] >= args.eval_every and c["env_steps"] >= args.prefill):
+            jobs = [(contexts[(c["episodes"] + i) % len(contexts)], args.seed + 10_000 + c["episodes"] + i) for i in range(args.eval_episodes)]
+            streams = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the policy samples from torch's
+            try:
+                returns = episode_returns(agent, args.task, args.obs, args.action_repeat, jobs, device, args.eval_mode == "sample",
+                                          args.eval_episodes, stop=lambda: bool(stop.signum))  # fmt: skip
+            except Interrupted:
+                random.setstate(streams[0])
+                np.random.set_state(streams[1])
+                torch.set_rng_state(streams[2])
+                eval_due = True
+                return False
+            eval_due = False
+            c["last_eval"] = c["env_steps"]
+            logger.add({"eval/return": float(np.mean(returns))})
+        if c["env_steps"] - c["last_log"] >= args.log_every:
+            now = time.time()
+            c["seconds"] += now - t_last  # wall-clock of this run summed over resumes (evaluation included)
+            perf = {"perf/fps": (c["env_steps"] - steps_last) / (now - t_last), "perf/updates": c["updates"], "perf/replay": len(replay)}
+            logger.add({**perf, "perf/hours": c["seconds"] / 3600})
+            t_last, steps_last, c["last_log"] = now, c["env_steps"], c["env_steps"]
+            logger.write(c["env_steps"], progress if args.progress else None)
+        if at_boundary and c["env_steps"] - c["last_save"] >= args.save_every:
+            c["last_save"] = c["env_steps"]
+            checkpoint()
+        return True
+
+    def say(line: str) -> None:
+        (progress.write if args.progress else print)(line)
+
     stop = StopRequest()
+    if eval_due:
+        evaluate_log_save()  # finish the step the checkpoint was taken in, as the uninterrupted run did
+    if c["env_steps"] < args.prefill:
+        say(f"prefill: uniform random actions until env step {args.prefill} fill the replay; learning starts then "
+            f"(one line every {args.log_every} env steps)")  # fmt: skip
     while not (c["env_steps"] >= args.steps and at_boundary) and not stop.signum:
         # Store record t = (o_t, a_{t-1}, r_t, is_first_t, is_terminal_t, ctx_t) of every env.
         for i in range(args.envs):
@@ -244,24 +335,16 @@ def main(args: Args) -> dict:
             policy_steps = (c["env_steps"] - args.prefill) // args.action_repeat
             while c["updates"] < policy_steps * updates_per_policy_step:
                 batch = to_torch(replay.sample(args.batch_size, length), device)
-                logger.add(checked_update(agent, batch, c["updates"] + 1, c["env_steps"], ckpt_path))
+                metrics = checked_update(agent, batch, c["updates"] + 1, c["env_steps"], ckpt_path)
+                logger.add(metrics)
                 c["updates"] += 1
+                if c["updates"] == 1:
+                    losses = ", ".join(f"{k} {float(metrics[k]):.3g}" for k in ("wm/loss", "ctx/fd_loss", "ac/actor_loss", "ac/critic_loss") if k in metrics)
+                    say(f"learning started at env step {c['env_steps']}: first update {losses}; "
+                        f"{updates_per_policy_step:.3g} updates per policy step from now on")  # fmt: skip
         # Evaluate, log, checkpoint
-        if args.eval_every and c["env_steps"] - c["last_eval"] >= args.eval_every and c["env_steps"] >= args.prefill:
-            c["last_eval"] = c["env_steps"]
-            jobs = [(contexts[(c["episodes"] + i) % len(contexts)], args.seed + 10_000 + c["episodes"] + i) for i in range(args.eval_episodes)]
-            returns = episode_returns(agent, args.task, args.obs, args.action_repeat, jobs, device, args.eval_mode == "sample", args.eval_episodes)
-            logger.add({"eval/return": float(np.mean(returns))})
-        if c["env_steps"] - c["last_log"] >= args.log_every:
-            now = time.time()
-            c["seconds"] += now - t_last  # wall-clock of this run summed over resumes (evaluation included)
-            perf = {"perf/fps": (c["env_steps"] - steps_last) / (now - t_last), "perf/updates": c["updates"], "perf/replay": len(replay)}
-            logger.add({**perf, "perf/hours": c["seconds"] / 3600})
-            t_last, steps_last, c["last_log"] = now, c["env_steps"], c["env_steps"]
-            logger.write(c["env_steps"], progress if args.progress else None)
-        if at_boundary and c["env_steps"] - c["last_save"] >= args.save_every:
-            c["last_save"] = c["env_steps"]
-            checkpoint()
+        if not evaluate_log_save():
+            break
     if stop.signum:  # the metrics since the last log line stay pending in the checkpoint: the resumed run logs them
         if c["last_save"] != c["env_steps"]:  # not already saved at this very step
             checkpoint()
