@@ -1554,6 +1554,58 @@ def test_a_signal_saves_a_checkpoint_at_once_mid_episode_and_exits_cleanly(tmp_p
     assert seconds < 30, seconds
 
 
+def test_replay_records_around_episode_boundaries_are_what_the_envs_returned(tmp_path, monkeypatch):
+    """Every field of every record train.py stores, the old episode's last and the new one's first included,
+    against what each env's own reset and step returned: record t = (o_t, a_{t-1}, r_t, is_first_t,
+    is_terminal_t, context_t), the first of an episode (reset obs, a zero action, reward 0, is_first, not
+    terminal, the new context), the last (the final obs, the action and reward of the step into it, its
+    terminal flag, the old context). Walker's reward is dense, so a new episode keeping the old one's last
+    reward shows; single_0 changes the context at every episode."""
+    events: list[list[tuple]] = []  # per env: ("reset", obs, info) or ("step", action, obs, reward, term, info)
+    make_env = envs.make_env
+
+    def recording(*a, **kw):
+        env, log = make_env(*a, **kw), []
+        events.append(log)
+        reset, step = env.reset, env.step
+
+        def logged_reset(*ra, **rkw):
+            o, info = reset(*ra, **rkw)
+            log.append(("reset", copy.deepcopy(o), copy.deepcopy(info)))
+            return o, info
+
+        def logged_step(action):
+            o, r, term, trunc, info = step(action)
+            log.append(("step", np.array(action), copy.deepcopy(o), r, term, copy.deepcopy(info)))
+            return o, r, term, trunc, info
+
+        env.reset, env.step = logged_reset, logged_step
+        return env
+
+    monkeypatch.setattr(envs, "make_env", recording)
+    flags = [("walker" if f == "ball_in_cup" else f) for f in TINY_FLAGS]
+    train.main(train.cli([*flags, "--context", "none", "--prefill", "5900", "--steps", "5901", "--eval-every", "0", "--logdir", str(tmp_path)]))
+    replay = checkpoint.load_checkpoint(tmp_path)["replay"]
+    for i, log in enumerate(events):
+        expected = []
+        for event in log:
+            if event[0] == "reset":
+                _, o, info = event
+                expected.append((o["obs"], np.zeros_like(log[1][1]), 0.0, True, False, info["context_vector"]))
+            else:
+                _, action, o, r, term, info = event
+                expected.append((o["obs"], action, r, False, term, info["context_vector"]))
+        expected = expected[: int(replay["count"][i])]  # the last step's new episode is not stored: the run ended
+        assert len(expected) == 3 * 21 and sum(e[3] for e in expected) == 3  # 3 episodes of 20 steps: 2 boundaries within
+        data = {k: v[i].numpy() for k, v in replay["data"].items()}
+        for t, (obs, action, reward, is_first, is_terminal, context) in enumerate(expected):
+            got = (data["obs"][t], data["action"][t], data["reward"][t], data["is_first"][t], data["is_terminal"][t], data["context"][t])
+            want = (obs, action, reward, is_first, is_terminal, context)
+            for name, g, w in zip(("obs", "action", "reward", "is_first", "is_terminal", "context"), got, want):
+                assert np.array_equal(g, np.asarray(w, g.dtype)), f"env {i} record {t}: {name} {g} stored, {w} returned"
+        assert (data["reward"][[21, 42]] == 0).all() and (data["reward"][[20, 41]] != 0).all()  # dense: the zeroing is visible
+
+
 def test_a_second_train_py_on_a_logdir_in_use_exits_at_once_naming_the_holder(tmp_path):
     """Two train.py on one logdir would interleave metrics.jsonl and race on ckpt.pt.tmp: the second is refused
     while the first runs, with the first's pid, host, start time and command; the lock ends with its holder."""
@@ -2228,6 +2280,24 @@ def test_counterfactual_subcommands_end_to_end(tiny_dali_run, tmp_path, monkeypa
     for command in ("probe", "dream", "plausibility"):  # an output that cannot be written fails before the work, not after
         with pytest.raises(SystemExit, match="cannot write .*file/x"):
             counterfactual.main([command, "--checkpoint", str(tiny_dali_run), "--out", str(tmp_path / "file" / "x"), *CF_FLAGS])
+
+
+def test_probe_r2_is_scored_on_held_out_episodes_only():
+    """Every R^2 the docs report rests on the split: a ctx that memorises its fitting episodes (a one-hot per
+    episode: a linear probe fits them exactly) and is noise elsewhere scores R^2 1 in-sample, and must score
+    low held out, on the whole grid and inside the training range alike."""
+    rng = np.random.default_rng(0)
+    E, P = 40, 4
+    held_out = np.arange(E) % 2 == 1
+    inside = np.arange(E) % 4 < 2  # half of each split inside the training range
+    true = rng.uniform(0.0, 1.0, (E, 1))
+    ctx = rng.normal(size=(E, P, E))  # held-out episodes: noise
+    ctx[~held_out] = np.eye(E)[~held_out][:, None] * 10.0  # fitting episodes: memorised, one dim each
+    fit = ~held_out
+    in_sample = probes.linear_r2(ctx[fit].reshape(-1, E), np.repeat(true[fit], P, 0), ctx[fit].reshape(-1, E), np.repeat(true[fit], P, 0))
+    assert in_sample[0] > 0.99
+    table = probes.probe_table(ctx, true, held_out, ["gravity"], inside)
+    assert table["r2_linear"]["gravity"] < 0.3 and table["r2_linear_train_range"]["gravity"] < 0.3, table
 
 
 def test_dream_gif_has_one_frame_per_step_with_real_and_counterfactuals_side_by_side(tmp_path):
