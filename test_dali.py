@@ -1335,6 +1335,37 @@ def test_train_cli_end_to_end_writes_metrics_and_checkpoint(tmp_path):
     checkpoint.build_agent(args, env).load_state_dict(ckpt["agent"])  # saved args rebuild the agent
 
 
+def _train_checking_devices(tmp_path, monkeypatch, device: str, context: str = "learned") -> list[int]:
+    """train.py on `device` with every update checked: each parameter, each tensor of the replay-sampled batch,
+    each returned metric and each optimiser moment on `device` (nothing silently on the CPU). The updates seen."""
+    seen, update = [], train.checked_update
+
+    def checking(agent, batch, n, env_steps, ckpt_path):
+        off = [f"parameter {k}" for k, p in agent.named_parameters() if p.device.type != device]
+        off += [f"batch {k}" for k, v in batch.items() if v.device.type != device]
+        metrics = update(agent, batch, n, env_steps, ckpt_path)
+        off += [f"metric {k}" for k, v in metrics.items() if torch.is_tensor(v) and v.device.type != device]
+        off += [f"{name} state {k}" for name, opt in agent.optimizers.items() for st in opt.state.values()
+                for k, v in st.items() if torch.is_tensor(v) and k != "step" and v.device.type != device]  # Adam keeps its step count on the CPU  # fmt: skip
+        assert not off, off
+        seen.append(n)
+        return metrics
+
+    monkeypatch.setattr(train, "checked_update", checking)
+    flags = [*TINY_FLAGS, "--device", device, "--context", context, "--contexts", "single_0", "--steps", "1000", "--eval-every", "1000"]
+    train.main(train.cli([*flags, "--logdir", str(tmp_path)]))
+    return seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: torch.cuda.is_available() is False (a CPU build or no CUDA device); the CUDA smoke test runs a few updates on cuda where there is one")
+def test_cuda_smoke_every_parameter_and_batch_stays_on_the_gpu(tmp_path, monkeypatch):
+    """A few updates of DALI-S and of cRSSM-S (the true context from the replay) on cuda: the agent, every
+    replayed batch, the metrics and the optimiser moments live on the GPU; acting and evaluation run too."""
+    for context in ("learned", "oracle"):
+        assert len(_train_checking_devices(tmp_path / context, monkeypatch, "cuda", context)) >= 5
+        monkeypatch.undo()
+
+
 def test_size_presets_set_their_train_ratio_and_flags_override_it():
     # the CPU preset: 256 on walker (the main command), 128 on ball_in_cup (the study's runs)
     assert train.cli([]).size == "cpu" and train.cli([]).task == "walker" and train.cli([]).train_ratio == 256.0
@@ -1397,7 +1428,9 @@ def test_a_version_1_checkpoint_resumes_to_the_exact_state_the_old_code_reached(
     assert digest["counters.updates"] == reference["digest"]["counters.updates"]
     platform = (torch.__version__, torch.backends.cpu.get_cpu_capability())
     if platform != (reference["torch"], reference["cpu"]):
-        pytest.skip(f"the reference bits come from torch {reference['torch']} on {reference['cpu']}; this is {platform}")
+        pytest.skip(f"only the last check skipped: the reference bits come from torch {reference['torch']} on a {reference['cpu']} CPU, "
+                    f"this is torch {platform[0]} on {platform[1]}; float reductions sum in another order with another CPU's "
+                    "kernels (AVX2 vs AVX512), so bits differ (README: which numbers reproduce where)")  # fmt: skip
     assert [k for k in digest if digest[k] != reference["digest"][k]] == []
 
 
@@ -2041,6 +2074,84 @@ def test_reference_returns_normalise_each_context_by_its_own_random_and_expert_r
     (tmp_path / "bad.json").write_text(json.dumps({**reference, "contexts": [{**r, "expert": 0.0} for r in reference["contexts"]]}))
     with pytest.raises(SystemExit, match="expert return <= random return"):
         evaluate.main(["aggregate", *files, "--reference", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+
+
+def _bare_shell_env() -> dict[str, str]:
+    """The environment of a bare shell on a headless machine: no MUJOCO_GL, no display."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "DISPLAY", "WAYLAND_DISPLAY")}
+
+
+def test_the_readmes_film_command_runs_from_a_bare_shell_without_a_display(tmp_path):
+    """The README's film command as written (its --out moved to tmp_path) with MUJOCO_GL unset and no display:
+    dm_control must not fall back to GLFW ("an OpenGL platform library has not been loaded"). About 30 s of
+    CPU (3 x 500 policy steps, 250 frames)."""
+    import shlex
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    readme = (Path(__file__).parent / "README.md").read_text().splitlines()
+    line = next(s.strip() for s in readme if s.strip().startswith("python film.py --checkpoint pretrained/ball_in_cup"))
+    argv = shlex.split(line.split("#")[0])
+    assert argv[argv.index("--out") + 1].startswith("runs/")  # the README's outputs go under the ignored runs/
+    argv[argv.index("--out") + 1] = str(tmp_path / "cup.gif")
+    out = subprocess.run([sys.executable, *argv[1:]], env=_bare_shell_env(), cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    gif = Image.open(tmp_path / "cup.gif")
+    assert gif.n_frames == 250 and gif.size == (3 * 128, 128)
+
+
+def test_every_entry_point_picks_a_headless_gl_backend_without_mujoco_gl():
+    """dm_control chooses its GL backend when it is first imported: every entry point must import envs.py
+    (which sets MUJOCO_GL) before anything imports dm_control."""
+    import subprocess
+    import sys
+
+    for entry in ("train", "evaluate", "counterfactual", "sweep", "film"):
+        code = f"import {entry}; from dm_control import _render; print(_render.BACKEND)"
+        out = subprocess.run([sys.executable, "-c", code], env=_bare_shell_env(), cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.split()[-1] in ("egl", "osmesa"), (entry, out.stdout[-500:], out.stderr[-2000:])
+
+
+def _github_slugs(markdown: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case, punctuation but - and _ dropped,
+    spaces as -, repeats numbered -1, -2, ...; headings inside code blocks are not headings."""
+    import re
+
+    slugs, seen, in_code = set(), {}, False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        heading = None if in_code else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            slugs.add(slug if n == 0 else f"{slug}-{n}")
+    return slugs
+
+
+def test_every_relative_link_and_anchor_in_the_readme_and_docs_resolves():
+    import re
+
+    root = Path(__file__).parent
+    assert _github_slugs("# Stage 3, the agent: DALI-D (seed 0)\n## `cpu` preset\n## `cpu` preset") == {"stage-3-the-agent-dali-d-seed-0", "cpu-preset", "cpu-preset-1"}
+    dead = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # links in code blocks are not links
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path) if path else page
+            if not dest.exists():
+                dead.append(f"{page.relative_to(root)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _github_slugs(dest.read_text()):
+                dead.append(f"{page.relative_to(root)}: {target} (no such heading)")
+    assert not dead, "\n".join(dead)
 
 
 def test_film_shows_each_context_side_by_side_in_real_time_and_rejects_bad_contexts(tiny_dali_run, tmp_path, capsys):
