@@ -3,7 +3,7 @@ with unseen physics and where it breaks (DALI, arXiv:2508.20294, Sec. 6; e.g. a 
 high gravity, or a ball_in_cup agent catching in low and high gravity).
 
     python film.py --checkpoint runs/default --contexts gravity=2.45 gravity=9.81 gravity=17.64
-    python film.py --checkpoint pretrained/ball_in_cup_dali_d.pt --contexts gravity=2.45 gravity=17.64 --out cup.gif
+    python film.py --checkpoint pretrained/ball_in_cup_dali_d.pt --contexts gravity=2.45 gravity=17.64 --out runs/cup.gif
 
 Each panel is one episode from a fresh agent state (rollout.play), filmed by the task's film camera: feature
 agents in MuJoCo's default look, pixel agents in the cheap look they were trained on. The GIF plays in real
