@@ -1324,6 +1324,12 @@ def test_train_cli_end_to_end_writes_metrics_and_checkpoint(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step     4000" in out.stdout
+    # the first minutes say what happens: prefill, then learning with the first losses; otherwise one line per log step
+    lines = out.stdout.splitlines()
+    assert lines[0] == "prefill: uniform random actions until env step 400 fill the replay; learning starts then (one line every 1000 env steps)"
+    started = [i for i, line in enumerate(lines) if line.startswith("learning started at env step ")]
+    assert len(started) == 1 and "first update wm/loss " in lines[started[0]] and "ac/actor_loss " in lines[started[0]]
+    assert [line.split("|")[0].split() for i, line in enumerate(lines) if i not in (0, started[0])] == [["step", str(s)] for s in range(1000, 4001, 1000)]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4000 and {"wm/loss", "ac/actor_loss", "episode/return", "eval/return", "perf/fps"} <= rows[-1].keys()
     assert list(tmp_path.glob("events.out.tfevents.*"))
