@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dali import Agent, sequence_context
+from dali import Agent, episode_steps, held_context, sequence_context
 from layers import symexp
 from rollout import Episodes
 
@@ -59,10 +59,16 @@ def _dream_one(agent: Agent, ep: Episodes, ctx, index, start, horizon, actions, 
     deep, post_ctx = agent.ctx_deep > 0, agent.ctx_post > 0
     is_first = ep.is_first[index, : start + 1].to(device)
     seq_ctx = sequence_context(shifted, is_first) if deep else None  # ctx_{t-1} into h_t, as in training
+    heads_ctx = ctx[index, : start + 1]  # what a deep decoder reads, unshifted
+    if agent.holds_context:  # one ctx held from each refresh step, as in training (the episodes start at step 0)
+        step = episode_steps(is_first)
+        seq_ctx = held_context(seq_ctx, step, agent.ctx_cfg.refresh)
+        heads_ctx = held_context(sequence_context(heads_ctx, is_first), step, agent.ctx_cfg.refresh)
     post, _ = wm.rssm.observe(embed, ep.action[index, : start + 1].to(device), is_first, ctx_seq=seq_ctx, ctx_post=shifted if post_ctx else None)
     state = {k: v[:, -1] for k, v in post.items()}
-    step_ctx = shifted[:, -1] if deep else None  # held for the whole dream, as in WorldModel.imagine
-    decode_ctx = None if not deep else (step_ctx if decode_shifted else ctx[index, start])
+    # held for the whole dream, as in WorldModel.imagine: the deep path's ctx at the start step
+    step_ctx = (seq_ctx if agent.holds_context else shifted)[:, -1] if deep else None
+    decode_ctx = None if not deep else (step_ctx if decode_shifted else heads_ctx[:, -1])
     feats = [wm.feat(state, decode_ctx)]
     for t in range(horizon):
         state = wm.rssm.img_step(state, actions[:, t].to(device), step_ctx)
