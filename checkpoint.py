@@ -172,6 +172,7 @@ def load_checkpoint(path: str | Path, args: Args | None = None) -> dict:
         ckpt = migrate_v1(ckpt)
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise SystemExit(f"error: {path} is not a checkpoint of this train.py (version {CHECKPOINT_VERSION})")
+    ckpt["args"] = migrate_args(ckpt["args"])
     if args is not None and ckpt.get("kind") == "pretrained":
         raise SystemExit(f"error: {path} is a pretrained agent (weights only, no replay or optimisers): evaluate, film or "
                          "dream with it; train.py cannot resume it")  # fmt: skip
@@ -273,8 +274,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def migrate_args(d: dict) -> dict:
+    """Args saved by older code, completed with the values that code trained with: `ctx.refresh` (added with
+    the held deep ctx) is 0, the per-step variant, for a learned deep agent saved without it, and the current
+    default for every other agent (which it does not affect)."""
+    ctx = d.get("ctx", {})
+    if "refresh" not in ctx:
+        deep_learned = d.get("agent", {}).get("context") == "learned" and d.get("agent", {}).get("integration") == "deep"
+        ctx = {**ctx, "refresh": 0 if deep_learned else ContextEncoderConfig.refresh}
+    return {**d, "ctx": ctx}
+
+
 def args_from_dict(d: dict) -> Args:
     """Rebuild Args saved in a checkpoint or args.json (for evaluate.py and counterfactual.py)."""
+    d = migrate_args(d)
     return Args(**{**d, "agent": AgentConfig(**d["agent"]), "rssm": RSSMConfig(**d["rssm"]), "ctx": ContextEncoderConfig(**d["ctx"])})
 
 

@@ -11,20 +11,35 @@ where ctx comes from and where it goes, trains the context encoder (context_enco
     --integration shallow: learned -> the posterior q(z_t | h_t, x_t, ctx_t) only (DALI-S, as the paper
                 writes it; the authors' release also feeds ctx to the sequence model); oracle -> the
                 encoder input, reconstructed by the decoder (cRSSM-S)
-                deep: the sequence model reads ctx_{t-1}; decoder, reward, continue, actor and critic read
-                ctx_t; the posterior reads none (DALI-D, cRSSM-D, as in the authors' configuration)
+                deep: sequence model, decoder, reward, continue, actor and critic read ctx; the posterior
+                reads none (DALI-D, cRSSM-D, as in the authors' configuration). A learned deep ctx is held
+                (`held_context`), the true context is constant within an episode.
+
+A deep agent's learned ctx is held, one value per R = `--ctx.refresh` steps of an episode. The paper writes
+the deep RSSM with ctx at every step (h_t = f(h_{t-1}, z_{t-1}, a_{t-1}, ctx)) and leaves open which
+window's ctx that is; the authors' release computes one ctx per replayed sequence, from the whole sequence
+(its future included), and holds it over the sequence and over imagination. Here step n of an episode reads
+the ctx of its refresh step r = R * floor(n / R), pooled from the K transitions up to o_{r-1} (at r = 0: the
+"no evidence yet" ctx): the same value in training (every step of a replayed segment, each by its own episode
+step), in imagination (held from the start state, as the release holds it) and when acting (the window
+refreshes at the same steps). A per-step ctx (`--ctx.refresh 0`, the earlier variant: ctx_{t-1} into the
+sequence model, ctx_t into the heads) moves with the state within an episode, so in training it hands the
+prior a fresh view of recent observations that imagination, which holds one ctx, never has
+(docs/deep_context.md has the measurements).
 
 ctx is detached wherever the world model and the actor-critic consume it: only L_FD (and L_cross) train
 the context encoder, with its own optimiser. A learned-context agent never reads the true context.
 
 Replayed batches of a learned-context agent hold P = `context_prefix` extra records before the T training
 steps: P = K, so that ctx_t of the first training step pools a full window of K transitions (fewer after an
-episode start), and P = K + 1 with deep integration, so that ctx_{t-1}, which the sequence model reads
-there, pools K transitions too, as when acting. Shallow integration reads no ctx_{t-1}: P = K suffices.
+episode start); with deep integration P = K + R, so that the held ctx of the first training step, pooled at
+a refresh step up to R - 1 steps earlier from transitions up to the step before it, pools K transitions too,
+as when acting (P = K + 1 for the per-step variant, which reads ctx_{t-1}).
 
 Data convention (one for replay, training and acting): record t holds o_t, the action a_{t-1} that led to
 it (zeros when is_first), the reward r_t received on arriving at o_t, is_first_t, is_terminal_t and the
-true context. The reward head at state s_t predicts r_t.
+true context; a learned deep agent's records also hold `step`, t's step in its episode (0 when is_first).
+The reward head at state s_t predicts r_t.
 
 Shapes: B batch, T time, P context prefix, N envs when acting, F model features, A action dims, X ctx dims.
 """
@@ -65,13 +80,21 @@ class AgentConfig(ActorCriticConfig, WorldModelConfig, ContextConfig):
     """Everything of the agent but the RSSM sizes (DreamerV3 App. B, Table B.1 defaults)."""
 
 
+def holds_context(cfg: AgentConfig, ctx_cfg: ContextEncoderConfig) -> bool:
+    """Whether the agent's deep path reads a held learned ctx (`held_context`): its replay records `step`."""
+    return cfg.context == "learned" and cfg.integration == "deep" and ctx_cfg.refresh > 0
+
+
 def context_prefix(cfg: AgentConfig, ctx_cfg: ContextEncoderConfig) -> int:
     """History records P before the T training steps of a replayed batch: K for a learned context, so that ctx_t
-    of the first step pools K transitions; K + 1 with deep integration, so that ctx_{t-1}, which its sequence
-    model reads there, pools K transitions too, as when acting; 0 otherwise."""
+    of the first step pools K transitions; with deep integration K + R (held: the first step's refresh step
+    lies up to R - 1 records earlier and reads the ctx of the record before it) or K + 1 (per-step: ctx_{t-1}),
+    so that the deep path's ctx pools K transitions there too, as when acting; 0 otherwise."""
     if cfg.context != "learned":
         return 0
-    return ctx_cfg.window + (1 if cfg.integration == "deep" else 0)
+    if cfg.integration == "shallow":
+        return ctx_cfg.window
+    return ctx_cfg.window + (ctx_cfg.refresh if ctx_cfg.refresh > 0 else 1)
 
 
 def sequence_context(ctx: torch.Tensor, is_first: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,6 +105,29 @@ def sequence_context(ctx: torch.Tensor, is_first: torch.Tensor, before: torch.Te
     (None: ctx_0 stands in, right when step 0 starts an episode or ctx is constant within one) -> (B, T, X)."""
     previous = torch.cat([(ctx[:, :1] if before is None else before[:, None]), ctx[:, :-1]], 1)
     return torch.where(is_first[..., None], ctx, previous)
+
+
+def episode_steps(is_first: torch.Tensor, first: int | torch.Tensor = 0) -> torch.Tensor:
+    """The step n_t of each record in its episode, as `step` records it: 0 at is_first, counting on from
+    `first` (the first record's step, (B,) or a number) before the segment's first episode start.
+    is_first (B, L) -> (B, L) long."""
+    L = is_first.shape[1]
+    t = torch.arange(L, device=is_first.device).expand_as(is_first)
+    last_start = torch.cummax(torch.where(is_first, t, torch.full_like(t, -1)), 1).values  # (B, L), -1: none yet
+    first = torch.as_tensor(first, device=is_first.device).reshape(-1, 1)
+    return torch.where(last_start >= 0, t - last_start, t + first)
+
+
+def held_context(seq_ctx: torch.Tensor, step: torch.Tensor, refresh: int) -> torch.Tensor:
+    """DALI-D's learned ctx, held for R = `refresh` steps: record t, at step n_t of its episode, reads the
+    sequence context of its refresh step r = t - (n_t mod R), i.e. ctx_{r-1} (pooled from transitions up to
+    o_{r-1}; at an episode start the empty ctx). Nothing at or after o_r enters, so neither the prior at any
+    step of the interval nor a rollout imagined from it sees an observation that imagination would lack.
+    seq_ctx (B, L, X) from `sequence_context`, step (B, L) -> (B, L, X); rows whose refresh step lies before
+    the segment are clamped to its first record (the caller drops them: the context prefix is K + R)."""
+    L = step.shape[1]
+    r = torch.arange(L, device=step.device) - (step.long() % refresh)  # (B, L)
+    return seq_ctx.gather(1, r.clamp(min=0)[..., None].expand(-1, -1, seq_ctx.shape[-1]))
 
 
 class Agent(nn.Module):
@@ -99,6 +145,7 @@ class Agent(nn.Module):
         self.ctx_post = X if (learned and cfg.integration == "shallow") else 0  # DALI-S
         self.ctx_deep = X if cfg.integration == "deep" else 0  # DALI-D, cRSSM-D: sequence model and predictors
         self.context_prefix = context_prefix(cfg, ctx_cfg)
+        self.holds_context = holds_context(cfg, ctx_cfg)
 
         def build_context_encoder(wm: WorldModel) -> None:
             # Built between the world model's RSSM and its heads: the order in which the modules have always
@@ -126,7 +173,8 @@ class Agent(nn.Module):
     def context(self, batch: dict, embed: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
         """ctx_t for the last T steps of `batch` (B, P + T, ...): (B, T, X) detached, or None for a
         context-unaware agent; the sequence model's context (`sequence_context`, (B, T, X)); and, for a
-        learned context, the not-yet-detached pieces its losses need.
+        learned context, the not-yet-detached pieces its losses need. A held deep ctx (`held_context`, from
+        the records' `step`) is both the heads' and the sequence model's.
         Pixels: tokens are the encoder's embeddings; `embed` (B, T, E), the world model's embeddings of the
         last T frames, saves encoding those frames twice."""
         P = self.context_prefix
@@ -143,9 +191,13 @@ class Agent(nn.Module):
             if embed is not None:
                 x = torch.cat([x, embed.detach()], 1)  # (B, P + T, E)
         ctx, valid = self.ctx_encoder.segment(x, batch["action"], batch["is_first"])  # (B, P+T, X), (B, P+T-1)
+        pieces = {"x": x, "ctx": ctx, "valid": valid}
+        if self.holds_context:  # DALI-D: heads and sequence model read one held value
+            held = held_context(sequence_context(ctx, batch["is_first"]), batch["step"], self.ctx_cfg.refresh)[:, P:].detach()
+            return held, held, pieces
         now = ctx[:, P:].detach()  # (B, T, X)
         seq = sequence_context(now, batch["is_first"][:, P:], ctx[:, P - 1].detach())  # P >= K >= 1
-        return now, seq, {"x": x, "ctx": ctx, "valid": valid}
+        return now, seq, pieces
 
     # -- training ------------------------------------------------------------------------------------
 
@@ -194,7 +246,8 @@ class Agent(nn.Module):
     def initial_state(self, n: int) -> tuple:
         """Acting state for n envs: (latent, previous action, context window or None)."""
         device = self.wm.bins.device
-        window = ContextWindow(self.ctx_encoder, n, device) if self.cfg.context == "learned" else None
+        refresh = self.ctx_cfg.refresh if self.holds_context else 0
+        window = ContextWindow(self.ctx_encoder, n, device, refresh) if self.cfg.context == "learned" else None
         return self.wm.rssm.initial(n), torch.zeros(n, self.spaces.action, device=device), window
 
     def state_dict_of(self, state: tuple) -> dict:
@@ -231,6 +284,8 @@ class Agent(nn.Module):
                 previous = window.ctx  # ctx_{t-1}, None before the window's first step (an episode start)
                 ctx = window.update(x if self.spaces.image is None else embed, prev_action, obs["is_first"])
                 seq_ctx = ctx if previous is None else torch.where(obs["is_first"][:, None], ctx, previous)
+                if self.holds_context:  # DALI-D: the value of the last refresh step, as in training
+                    ctx = seq_ctx = window.hold(seq_ctx)
         seq_ctx, post_ctx = (seq_ctx if self.ctx_deep else None), (ctx if self.ctx_post else None)
         latent, _ = wm.rssm.obs_step(latent, prev_action, embed, obs["is_first"], seq_ctx, post_ctx)
         dist = self.ac.actor(wm.feat(latent, ctx))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dali import Agent, sequence_context
+from dali import Agent, episode_steps, held_context, sequence_context
 from layers import symexp
 from rollout import Episodes
 
@@ -58,22 +58,40 @@ def _dream_one(agent: Agent, ep: Episodes, ctx, index, start, horizon, actions, 
     embed = wm.encoder(x.float() if agent.spaces.image is None else x)
     deep, post_ctx = agent.ctx_deep > 0, agent.ctx_post > 0
     is_first = ep.is_first[index, : start + 1].to(device)
-    seq_ctx = sequence_context(shifted, is_first) if deep else None  # ctx_{t-1} into h_t, as in training
+    seq_ctx = shifted_heads = heads_ctx = None
+    if deep:  # what the sequence model and the heads read in training, shifted; the decoder's, unshifted
+        seq_ctx, shifted_heads = deep_path_context(agent, shifted, is_first)
+        heads_ctx = deep_path_context(agent, ctx[index, : start + 1], is_first)[1]
     post, _ = wm.rssm.observe(embed, ep.action[index, : start + 1].to(device), is_first, ctx_seq=seq_ctx, ctx_post=shifted if post_ctx else None)
     state = {k: v[:, -1] for k, v in post.items()}
-    step_ctx = shifted[:, -1] if deep else None  # held for the whole dream, as in WorldModel.imagine
-    decode_ctx = None if not deep else (step_ctx if decode_shifted else ctx[index, start])
+    step_ctx = shifted_heads[:, -1] if deep else None  # held for the whole dream, as WorldModel.imagine holds the start's
+    decode_ctx = None if not deep else (step_ctx if decode_shifted else heads_ctx[:, -1])
     feats = [wm.feat(state, decode_ctx)]
     for t in range(horizon):
         state = wm.rssm.img_step(state, actions[:, t].to(device), step_ctx)
         feats.append(wm.feat(state, decode_ctx))
-    feat = torch.stack(feats, 1)  # (N, H+1, F)
-    decoder = wm.decoder
+    return decode(agent, torch.stack(feats, 1))  # (N, H+1, F) -> observations
+
+
+def decode(agent: Agent, feat: torch.Tensor) -> torch.Tensor:
+    """Decoded observations of model features (N, L, F): features in env units, or images in [0, 1]."""
+    decoder = agent.wm.decoder
     if agent.spaces.image is None:
         return symexp(decoder.net(feat)[..., : agent.spaces.obs])
     N, L = feat.shape[:2]
     img = decoder.net(decoder.inp(feat).reshape(N * L, -1, decoder.minres, decoder.minres))
     return (img.permute(0, 2, 3, 1).reshape(N, L, *agent.spaces.image) + 0.5).clamp(0, 1)
+
+
+def deep_path_context(agent: Agent, ctx: torch.Tensor, is_first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a deep agent's sequence model and heads read at every step of recorded episodes (as in training),
+    from its per-step ctx (E, T, X): held values (`held_context`), or ctx_{t-1} and ctx_t (the per-step
+    variant). The episodes start at step 0. Returns (sequence model's, heads') (E, T, X) each."""
+    seq = sequence_context(ctx, is_first)
+    if not agent.holds_context:
+        return seq, ctx
+    held = held_context(seq, episode_steps(is_first), agent.ctx_cfg.refresh)
+    return held, held
 
 
 def shift_deltas(shifts, dim: int, sigma: torch.Tensor, X: int) -> torch.Tensor:

@@ -340,6 +340,7 @@ def test_reward_belongs_to_the_observation_it_arrives_with():
 # ----------------------------------------------------------------------------------------------------
 
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -477,6 +478,7 @@ def _batch(B=3, T=8, obs="features", seed=0):
         "context": torch.rand(B, T, 2, generator=g) * 2 - 1,
     }
     batch["is_first"][:, 0] = True
+    batch["step"] = dali.episode_steps(batch["is_first"])  # (recount after changing is_first)
     if obs == "features":
         batch["obs"] = torch.randn(B, T, 8, generator=g)
     else:
@@ -841,6 +843,7 @@ def test_same_inputs_in_training_and_imagination(context, integration):
     P, B, T, H = agent.context_prefix, 2, 6, agent.cfg.horizon
     batch = _batch(B=B, T=P + T)
     batch["is_first"][1, P + 3] = True  # an episode starts inside the training steps
+    batch["step"] = dali.episode_steps(batch["is_first"], first=torch.tensor([40, 7]))  # refresh steps inside the segment
     per_episode = torch.rand(B, 3, 2) * 2 - 1  # the true context is constant within an episode
     batch["context"] = per_episode[torch.arange(B)[:, None], batch["is_first"].cumsum(1)]
     is_first = batch["is_first"][:, P:]
@@ -850,6 +853,8 @@ def test_same_inputs_in_training_and_imagination(context, integration):
         all_ctx = agent.ctx_encoder.segment(batch["obs"], batch["action"], batch["is_first"])[0].detach()
     X = agent.ctx_deep
     ctx = None if context == "none" else all_ctx[:, P:]  # ctx_t of the T training steps
+    if agent.holds_context:  # DALI-D: one value per refresh interval, for the heads and the sequence model alike
+        ctx = dali.held_context(dali.sequence_context(all_ctx, batch["is_first"]), batch["step"], agent.ctx_cfg.refresh)[:, P:]
     wm, ac = agent.wm, agent.ac
     calls = {name: [] for name in ("reward", "cont", "decoder", "actor", "critic", "img_in", "encoder_ctx", "observe")}
     hooks = [_record_calls(module, calls[name]) for name, module in (("reward", wm.reward_head), ("cont", wm.cont_head), ("decoder", wm.decoder.net),
@@ -881,7 +886,9 @@ def test_same_inputs_in_training_and_imagination(context, integration):
     assert (encoder_ctx is not None) == (context == "oracle" and integration == "shallow")
     if encoder_ctx is not None:
         torch.testing.assert_close(encoder_ctx, ctx, rtol=0, atol=0)
-    if X:
+    if agent.holds_context:
+        torch.testing.assert_close(kw["ctx_seq"], ctx, rtol=0, atol=0)
+    elif X:
         # ctx_{t-1}; the oracle has no history records (its ctx_0 stands in: step 0 starts an episode)
         previous = all_ctx[:, P - 1 : P + T - 1] if P else torch.cat([ctx[:, :1], ctx[:, :-1]], 1)
         torch.testing.assert_close(kw["ctx_seq"], torch.where(is_first[..., None], ctx, previous), rtol=0, atol=0)
@@ -902,8 +909,12 @@ def test_same_inputs_in_training_and_imagination(context, integration):
         held = ctx.flatten(0, 1)  # (N, X)
         for x in imagined:
             torch.testing.assert_close(x[..., -X:], held.expand_as(x[..., -X:]), rtol=0, atol=0)
-        # the step out of s_t: training's sequence model read ctx_{(t+1)-1} = ctx_t there (unless t+1 starts an episode)
+        # the step out of s_t: training's sequence model read ctx_{(t+1)-1} = ctx_t there (unless t+1 starts an
+        # episode; held: the same held value, unless t+1 is a refresh step)
         follows = ~is_first[:, 1:]  # (B, T-1)
+        if agent.holds_context:
+            follows &= batch["step"][:, P + 1 :] % agent.ctx_cfg.refresh != 0
+            assert follows.any() and not follows.all()
         torch.testing.assert_close(img_in[0][..., -X:].view(B, T, X)[:, :-1][follows], kw["ctx_seq"][:, 1:][follows], rtol=0, atol=0)
 
 
@@ -958,17 +969,97 @@ def test_deep_prior_never_sees_the_observation_it_predicts():
     torch.testing.assert_close(deters[0], deters[1])
 
 
-def test_deep_sequence_context_at_the_first_training_step_pools_the_full_window_of_acting():
-    """DALI-D's sequence model reads ctx_{t-1} on its step into h_t. At the first training step of a replayed
-    batch that ctx must pool the same K transitions as the acting window did one step earlier, not K - 1 cut
-    off at the segment start: a deep learned batch holds K + 1 history records (shallow: K, it reads no
-    ctx_{t-1}). The batch is a segment of one long episode, so every window is full."""
+def _act_through(agent, episode: dict) -> tuple[list, list]:
+    """Act on recorded records one step at a time (agent.act, fed the recorded actions); returns, per step, the window's held ctx and
+    the ctx columns of the actor's input (N, X) each."""
+    X, held, actor_ctx = agent.ctx_deep, [], []
+    hook = agent.ac.actor.register_forward_hook(lambda m, args, out: actor_ctx.append(args[0][..., -X:].clone()))
+    state = agent.initial_state(episode["obs"].shape[0])
+    try:
+        for t in range(episode["obs"].shape[1]):
+            state = (state[0], episode["action"][:, t], state[2])  # the recorded a_{t-1}, not the agent's own
+            _, state = agent.act({"obs": episode["obs"][:, t], "is_first": episode["is_first"][:, t]}, state, sample=False)
+            held.append(state[2].held.clone())
+    finally:
+        hook.remove()
+    return held, actor_ctx
+
+
+def test_deep_training_reads_the_held_context_acting_reads_from_the_same_history():
+    """DALI-D (held ctx, --ctx.refresh R): the ctx that the sequence model and the heads read at every training
+    step of a replayed segment, wherever the segment starts and across an episode start inside it, is the
+    ctx that acting held at that step of the same records, and the ctx the actor read then; it changes only
+    at refresh steps (every R steps of an episode), where it pools the K transitions up to the step before.
+    A per-step ctx_{t-1} in training (or a refresh at every acting step) fails this."""
+    torch.manual_seed(0)
+    K, R, T = 4, 3, 7
+    agent = _agent("learned", "deep", ctx_window=K)
+    agent = dali.Agent(agent.cfg, TINY_RSSM, agent.spaces, dataclasses.replace(agent.ctx_cfg, refresh=R))
+    assert agent.holds_context and agent.context_prefix == K + R
+    with torch.no_grad():  # untrained but not degenerate: position biases and output layer away from init
+        agent.ctx_encoder.position.normal_()
+        agent.ctx_encoder.out[-1].weight.normal_()
+    P, L = agent.context_prefix, 40
+    episode = _batch(B=2, T=L)
+    episode["is_first"][0, 26] = True  # env 0 starts a second episode
+    episode["step"] = dali.episode_steps(episode["is_first"])
+    held, actor_ctx = _act_through(agent, episode)
+    held, actor_ctx = torch.stack(held, 1), torch.stack(actor_ctx, 1)  # (B, L, X)
+    torch.testing.assert_close(actor_ctx, held, rtol=0, atol=0)
+    refresh = episode["step"] % R == 0
+    changes = (held[:, 1:] != held[:, :-1]).any(-1)  # (B, L-1)
+    assert not changes[~refresh[:, 1:]].any() and changes[refresh[:, 1:] & (episode["step"][:, 1:] > 0)].all()
+    for s in range(L - P - T + 1):  # every segment start
+        segment = {k: v[:, s : s + P + T] for k, v in episode.items()}
+        ctx, seq_ctx, _ = agent.context(segment)
+        torch.testing.assert_close(seq_ctx, ctx, rtol=0, atol=0)
+        torch.testing.assert_close(ctx, held[:, s + P : s + P + T], rtol=1e-5, atol=1e-5, msg=f"segment start {s}")
+
+
+def test_a_held_deep_context_never_reads_an_observation_of_its_interval():
+    """The held ctx of a refresh interval [r, r + R) pools transitions up to o_{r-1}: changing o_r .. o_{r+R-1}
+    changes none of the interval's sequence-model ctx (training and acting), so no prior of the interval and
+    no rollout imagined from it gets an observation that imagination would not have."""
+    torch.manual_seed(0)
+    K, R = 4, 5
+    base = _agent("learned", "deep", ctx_window=K)
+    agent = dali.Agent(base.cfg, TINY_RSSM, base.spaces, dataclasses.replace(base.ctx_cfg, refresh=R))
+    P = agent.context_prefix
+    episode = _batch(B=2, T=P + 12)
+    r = next(t for t in range(P, P + 12) if episode["step"][0, t] % R == 0)
+    changed = {**episode, "obs": episode["obs"].clone()}
+    changed["obs"][:, r : r + R] += 3.0
+    (a, _, _), (b, _, _) = agent.context(episode), agent.context(changed)
+    i = r - P
+    torch.testing.assert_close(a[:, i : i + R], b[:, i : i + R], rtol=0, atol=0)
+    assert not torch.allclose(a[:, i + R], b[:, i + R])  # the next interval does read them
+    torch.testing.assert_close(torch.stack(_act_through(agent, episode)[0], 1)[:, r : r + R],
+                               torch.stack(_act_through(agent, changed)[0], 1)[:, r : r + R], rtol=0, atol=0)  # fmt: skip
+
+
+def test_configurations_saved_before_the_held_context_keep_what_they_trained_with():
+    """Args saved without --ctx.refresh load as the code that wrote them trained: a learned deep agent per
+    step (0), any other agent with today's default (it does not read it), so that its resume is not refused."""
+    saved = dataclasses.asdict(checkpoint.preset("cpu", "ball_in_cup"))
+    for context, integration, refresh in [("learned", "deep", 0), ("learned", "shallow", 16), ("oracle", "deep", 16), ("none", "shallow", 16)]:
+        old = {**saved, "agent": {**saved["agent"], "context": context, "integration": integration}}
+        old["ctx"] = {k: v for k, v in old["ctx"].items() if k != "refresh"}
+        args = checkpoint.args_from_dict(old)
+        assert args.ctx.refresh == refresh, (context, integration)
+        assert checkpoint.config_conflicts(checkpoint.migrate_args(old), dataclasses.asdict(args)) == []
+
+
+def test_per_step_deep_context_still_reads_ctx_t_minus_1_with_the_full_window_of_acting():
+    """--ctx.refresh 0, the per-step variant kept for older agents: the sequence model reads ctx_{t-1}. At the
+    first training step of a replayed batch that ctx pools the same K transitions as the acting window did one
+    step earlier (K + 1 history records)."""
     torch.manual_seed(0)
     K, T, s = 4, 5, 3  # s: the segment starts mid-episode
-    agent = _agent("learned", "deep", ctx_window=K)
-    assert _agent("learned", "shallow", ctx_window=K).context_prefix == K
+    base = _agent("learned", "deep", ctx_window=K)
+    agent = dali.Agent(base.cfg, TINY_RSSM, base.spaces, dataclasses.replace(base.ctx_cfg, refresh=0))
+    assert not agent.holds_context and agent.context_prefix == K + 1
     P = agent.context_prefix
-    with torch.no_grad():  # untrained but not degenerate: position biases and output layer away from init
+    with torch.no_grad():
         agent.ctx_encoder.position.normal_()
         agent.ctx_encoder.out[-1].weight.normal_()
     episode = _batch(B=2, T=s + P + T)  # is_first only at record 0
@@ -979,9 +1070,6 @@ def test_deep_sequence_context_at_the_first_training_step_pools_the_full_window_
         acted = window.update(episode["obs"][:, t], episode["action"][:, t], episode["is_first"][:, t])
     assert (window.valid.sum(-1) == K).all()
     torch.testing.assert_close(seq_ctx[:, 0], acted, rtol=1e-5, atol=1e-5)
-    # its window in training: the valid tokens j (= (o_j, a_j, o_{j+1})) with P - 1 - K <= j <= P - 2
-    j = torch.arange(P - 1)
-    assert ((pieces["valid"][:, : P - 1] & (j >= P - 1 - K)).sum(-1) == K).all()
     agent.update(batch)  # and the update takes the longer batch
 
 
@@ -1310,7 +1398,7 @@ TINY_FLAGS = [
     "--prefill", "400", "--train-ratio", "48", "--rssm.deter", "32", "--rssm.hidden", "32", "--rssm.stoch", "4",
     "--rssm.classes", "4", "--hidden", "32", "--eval-every", "2000", "--eval-episodes", "2", "--log-every", "1000",
     "--save-every", "2000", "--no-progress", "--threads", "1", "--ctx.window", "6", "--ctx.units", "16",
-    "--ctx.heads", "2", "--ctx.fd-units", "16",
+    "--ctx.heads", "2", "--ctx.fd-units", "16", "--ctx.refresh", "4",  # DALI-D: a 30-record batch would not fit a 21-record episode
 ]  # fmt: skip
 
 
@@ -1761,6 +1849,11 @@ def test_a_run_interrupted_mid_episode_resumes_bit_identically(tmp_path, monkeyp
             assert all(torch.equal(v, b["optimizers"][name]["state"][i][k]) for k, v in s.items()), name
     for k, v in a["replay"]["data"].items():
         assert torch.equal(v, b["replay"]["data"][k]), k
+    if integration == "deep":  # DALI-D's records hold their step in the episode, 0 at is_first (dali.held_context reads it)
+        data = a["replay"]["data"]
+        assert data["is_first"][:, 0].all() and data["is_first"].sum() > 2
+        assert torch.equal(data["step"].long(), dali.episode_steps(data["is_first"]))
+        assert data["step"].max() == envs.EPISODE_STEPS // 50  # the last record of an episode: o_T after T steps
     rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")} for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("full", "cut")]  # fmt: skip
     assert rows[0] == rows[1]

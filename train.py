@@ -46,7 +46,7 @@ import code_version
 import dir_lock
 import envs
 from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, peek, plain_numpy_state, preset, resolve_device, save_checkpoint, saved_args
-from dali import context_prefix
+from dali import context_prefix, holds_context
 from layers import require_finite
 from rollout import Interrupted, episode_returns
 from replay import Replay
@@ -71,9 +71,11 @@ def check_args(args: Args) -> None:
     prefix = context_prefix(args.agent, args.ctx)  # history records before the T training steps of a batch
     if args.replay_capacity // args.envs < args.batch_length + prefix:
         problems.append(f"--replay-capacity {args.replay_capacity}: must hold --batch-length + {prefix} history records per env "
-                        f"(--ctx.window, + 1 with --integration deep; 0 without a learned context)")  # fmt: skip
+                        f"(--ctx.window, + --ctx.refresh with --integration deep; 0 without a learned context)")  # fmt: skip
     if args.ctx.window < 1 or args.ctx.dim < 1:
         problems.append(f"--ctx.window {args.ctx.window}, --ctx.dim {args.ctx.dim}: both must be >= 1")
+    if args.ctx.refresh < 0:
+        problems.append(f"--ctx.refresh {args.ctx.refresh}: must be >= 0 (R steps a deep ctx is held; 0: per step)")
     if args.threads < 0:
         problems.append(f"--threads {args.threads}: must be >= 0 (0: one per core)")
     if args.prefill >= args.steps:
@@ -197,6 +199,9 @@ def train(args: Args, logdir: Path) -> dict:
         "is_terminal": ((), bool),
         "context": ((len(vec.envs[0].features),), np.float32),
     }
+    counts_steps = holds_context(args.agent, args.ctx)  # DALI-D: records hold their step in the episode
+    if counts_steps:
+        spec["step"] = ((), np.int32)
     replay = Replay(args.replay_capacity, args.envs, spec, args.seed)
     action_rng = np.random.default_rng(args.seed)
     c = {"env_steps": 0, "updates": 0, "episodes": 0, "last_eval": 0, "last_save": 0, "last_log": 0, "seconds": 0.0}
@@ -220,13 +225,14 @@ def train(args: Args, logdir: Path) -> dict:
         state = agent.initial_state(args.envs)
         prev_action = np.zeros((args.envs, vec.action_size), np.float32)
         reward, is_terminal = np.zeros(args.envs, np.float32), np.zeros(args.envs, bool)
-        ep_return = np.zeros(args.envs)
+        ep_return, ep_step = np.zeros(args.envs), np.zeros(args.envs, np.int32)
         at_boundary = True  # all envs start episodes together and DMC episodes have a fixed length
     else:  # continue the episodes where the checkpoint left them
         for env, env_state in zip(vec.envs, acting["envs"]):
             env.set_state(env_state)
         obs = {k: v.numpy() for k, v in acting["obs"].items()}
         true_context, prev_action, reward, is_terminal, ep_return = (acting[k].numpy() for k in ("true_context", "prev_action", "reward", "is_terminal", "ep_return"))
+        ep_step = acting["ep_step"].numpy() if counts_steps else np.zeros(args.envs, np.int32)
         state = agent.load_state(acting["agent"], args.envs)
         at_boundary = acting["at_boundary"]
     steps_per_vec = args.envs * args.action_repeat
@@ -257,6 +263,8 @@ def train(args: Args, logdir: Path) -> dict:
             "pending": {k: [v if torch.is_tensor(v) else float(v) for v in vs] for k, vs in logger.pending.items()},
             **({"eval_due": True} if eval_due else {}),  # only then: checkpoints stay as older code wrote them
         }
+        if counts_steps:
+            acting["ep_step"] = torch.from_numpy(ep_step.copy())
         save_checkpoint(ckpt_path, {**payload, "replay": replay.state_dict(), "counters": dict(c), "rng": rng, "acting": acting})
 
     def evaluate_log_save() -> bool:
@@ -303,7 +311,7 @@ def train(args: Args, logdir: Path) -> dict:
         # Store record t = (o_t, a_{t-1}, r_t, is_first_t, is_terminal_t, ctx_t) of every env.
         for i in range(args.envs):
             replay.add(i, {obs_key: obs[obs_key][i], "action": prev_action[i], "reward": reward[i], "is_first": obs["is_first"][i],
-                           "is_terminal": is_terminal[i], "context": true_context[i]})  # fmt: skip
+                           "is_terminal": is_terminal[i], "context": true_context[i], **({"step": ep_step[i]} if counts_steps else {})})  # fmt: skip
         # Act
         if c["env_steps"] < args.prefill:
             action = action_rng.uniform(-1, 1, (args.envs, vec.action_size)).astype(np.float32)
@@ -318,7 +326,7 @@ def train(args: Args, logdir: Path) -> dict:
         # Episode ends: store the last record of the old episode; the new one starts with a_{-1} = 0, r = 0.
         for i, final in info["final_obs"].items():
             replay.add(i, {obs_key: final[obs_key], "action": action[i], "reward": reward[i], "is_first": False,
-                           "is_terminal": term[i], "context": info["final_context_vector"][i]})  # fmt: skip
+                           "is_terminal": term[i], "context": info["final_context_vector"][i], **({"step": ep_step[i] + 1} if counts_steps else {})})  # fmt: skip
             logger.add({"episode/return": ep_return[i], "episode/length": envs.EPISODE_STEPS // args.action_repeat})
             progress.set_postfix(ret=f"{ep_return[i]:.1f}")
             ep_return[i] = 0.0
@@ -328,6 +336,7 @@ def train(args: Args, logdir: Path) -> dict:
         prev_action = np.where(done[:, None], 0.0, action).astype(np.float32)
         reward = np.where(done, 0.0, reward).astype(np.float32)
         is_terminal = np.where(done, False, term)
+        ep_step = np.where(done, 0, ep_step + 1).astype(np.int32)
         at_boundary = bool(done.all())
         # Train at the train ratio
         length = agent.context_prefix + args.batch_length  # learned context: P records of history first

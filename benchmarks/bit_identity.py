@@ -44,7 +44,12 @@ METHODS = {
     "crssm_s": ["--context", "oracle", "--integration", "shallow"],
     "dali_s_chi": ["--context", "learned", "--integration", "shallow", "--ctx.cross-weight", "1"],
     "dali_d": ["--context", "learned", "--integration", "deep"],
+    "crssm_d": ["--context", "oracle", "--integration", "deep"],
+    "dali_d_per_step": ["--context", "learned", "--integration", "deep"],
 }
+# Flags only the working tree's fresh run gets (the older code lacks them): the per-step deep ctx of code before
+# the held one (ctx.refresh 0), against that code's DALI-D. An old checkpoint resumes with it by itself.
+NEW_ONLY = {"dali_d_per_step": ["--ctx.refresh", "0"]}
 # Tiny sizes (seconds per run on 2 cores); 50 control steps per policy step: 20-step episodes of 2000 env steps.
 TINY = (
     "--task ball_in_cup --obs features --contexts single_0 --envs 2 --action-repeat 50 --batch-size 3 --batch-length 8 "
@@ -62,7 +67,8 @@ class Args:
     commit: str = "44a2cd4"
     """The older commit (anything `git archive` takes)."""
     methods: tuple[str, ...] = ("dreamer_dr", "dali_s", "crssm_s")
-    """Methods to run: dreamer_dr, dali_s, crssm_s (the default: the headline and cRSSM-S), dali_s_chi, dali_d."""
+    """Methods to run: dreamer_dr, dali_s, crssm_s (the default: the headline and cRSSM-S), dali_s_chi, dali_d,
+    crssm_d, dali_d_per_step (the working tree with --ctx.refresh 0 against an older DALI-D)."""
     flags: str = TINY
     """train.py flags shared by every run (task, sizes, budget; write --flags="..."); --steps and --logdir are added."""
     steps: tuple[int, int] = (2000, 4000)
@@ -143,7 +149,7 @@ def main(args: Args) -> int:
             flags = [*args.flags.split(), *METHODS[method]]
             start = [*flags, "--steps", str(args.steps[0])]
             old_start = train(old, tmp / method / "old_fresh", start)
-            new_start = train(ROOT, tmp / method / "new_fresh", start)
+            new_start = train(ROOT, tmp / method / "new_fresh", [*start, *NEW_ONLY.get(method, [])])
             old_end = resume(old, old_start, tmp / method / "old_resumed", args.steps[1])
             new_end = resume(ROOT, old_start, tmp / method / "new_resumed", args.steps[1])
             for what, a, b in (("fresh", old_start, new_start), ("resume", old_end, new_end)):
