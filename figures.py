@@ -24,7 +24,7 @@ def _xerr(v: dict) -> list | None:
     return [[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]] if v["ci"] else None
 
 
-def zeroshot_figure(summary: dict, path: str) -> None:
+def zeroshot_figure(summary: dict, path: str, title: str = "") -> None:
     """IQM bars with 95% CIs per regime, and P(X > Y) with CIs over all contexts."""
     plt = _pyplot()
     regimes = list(summary["metrics"])
@@ -49,8 +49,8 @@ def zeroshot_figure(summary: dict, path: str) -> None:
     ax.set_yticks(range(len(pairs)), [p.replace(" > ", " > \n") for p in pairs], fontsize=7)
     ax.set_xlim(0, 1)
     ax.set_title("P(X > Y), all contexts")
-    seeds = sorted(set(summary["seeds"].values()))
-    fig.suptitle(f"{summary['task']}, {summary['setting']}: zero-shot, {'/'.join(map(str, seeds))} seeds per method")
+    seeds = sorted(set(summary["seeds"].values())) if not title else []
+    fig.suptitle(title or f"{summary['task']}, {summary['setting']}: zero-shot, {'/'.join(map(str, seeds))} seeds per method")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
