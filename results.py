@@ -127,7 +127,8 @@ def score_matrices(
         raise SystemExit("error: the files mix tasks: " + ", ".join(f"{r.path} is {r.task}" for r in results))
     settings = {r.setting for r in results}
     if len(settings) > 1:
-        raise SystemExit("error: the files mix settings: " + ", ".join(f"{r.path} is {r.setting}" for r in results))
+        raise SystemExit("error: the files mix settings (`aggregate --pool` pools settings as the paper does): "
+                         + ", ".join(f"{r.path} is {r.setting}" for r in results))  # fmt: skip
     by_method: dict[str, list[RunResult]] = {}
     for r in results:
         by_method.setdefault(r.method, []).append(r)
