@@ -4,6 +4,7 @@
     python evaluate.py aggregate runs/*/zeroshot_single_0.jsonl --out zeroshot
     python evaluate.py reference --task ball_in_cup --setting single_0 --out docs/results/reference_single_0.json
     python evaluate.py aggregate runs/*/zeroshot_single_0.jsonl --reference docs/results/reference_single_0.json
+    python evaluate.py aggregate --pool S0/*.jsonl S1/*.jsonl DB/*.jsonl --reference REF_S0 REF_S1 REF_DB --out pooled
     python evaluate.py export --checkpoint runs/x --out pretrained/x.pt
 
 `run` evaluates a trained agent on every context of a setting's evaluation grid (contexts.eval_contexts).
@@ -14,7 +15,8 @@ from scratch; nothing is learned between episodes (rollout.py acts). It writes o
 with stratified-bootstrap 95% CIs and the probability of improvement of every method over every other
 (results.py; scores normalised by R / 1000 or, with `--reference`, per context as in the DALI release), as a
 table, a JSON file, the paper's figure (IQM bars per regime and a P(X > Y) panel) and the return against
-each varied context feature. `reference` measures random_c, a uniform random policy's return per context.
+each varied context feature. With `--pool` it pools files of several training settings of one task into one
+regime table as the DALI release does (pooled.py). `reference` measures random_c, a uniform random policy's return per context.
 `export` writes a trained agent's weights alone (a pretrained agent of a few MB that `run`, film.py and
 counterfactual.py load like a checkpoint).
 """
@@ -37,7 +39,8 @@ import figures
 from checkpoint import checkpoint_path, export_agent, load_agent, resolve_device
 from dali import Agent
 from rollout import RandomPolicy, episode_returns
-from results import MAX_RETURN, aggregate, format_table, read_reference, read_results
+from pooled import format_pooled, pool
+from results import MAX_RETURN, Reference, RunResult, aggregate, format_table, read_reference, read_results
 
 
 def method_name(context: str, integration: str, cross_weight: float = 0.0) -> str:
@@ -121,8 +124,16 @@ class Aggregate:
     """Return of a random policy (score 0), the same in every context."""
     expert_return: float = MAX_RETURN
     """Return of an expert (score 1), the same in every context; default the task's maximum return."""
-    reference: str = ""
-    """A `reference` file: normalise per context by its random_c and expert_c instead (the DALI release's way)."""
+    reference: tuple[str, ...] = ()
+    """A `reference` file: normalise per context by its random_c and expert_c instead (the DALI release's way);
+    with --pool, one per pooled setting."""
+    pool: bool = False
+    """Pool files of several training settings of one task (single_0, single_1, double_box) into one regime
+    table as the DALI release does (pooled.py): per setting and pooled, with stratified and whole-seed CIs.
+    Writes OUT.json, OUT.txt, OUT.png and OUT_<setting>_contexts.png."""
+    action_repeat: int = 0
+    """With --pool: the action repeat of results files that record none and have no train.py args.json beside
+    them (files before 2026-12-03); 0 refuses such files."""
     reps: int = 2000
     """Bootstrap resamples (rliable uses 50000; 2000 gives CI ends to about +-0.01)."""
     seed: int = 0
@@ -187,7 +198,8 @@ def run(cmd: Run) -> list[dict]:
         print(f"note: the agent trained on {args.contexts} contexts and is evaluated on the {cmd.setting} grid", file=sys.stderr)
     method = cmd.method or method_name(args.agent.context, args.agent.integration, args.ctx.cross_weight)
     rows = evaluate_grid(agent, args.task, args.obs, args.action_repeat, cmd.setting, cmd.episodes, cmd.seed, device, cmd.mode == "sample", cmd.batch, cmd.progress)
-    head = {"task": args.task, "setting": cmd.setting, "method": method, "seed": args.seed, "env_steps": ckpt["counters"]["env_steps"]}
+    head = {"task": args.task, "setting": cmd.setting, "method": method, "seed": args.seed, "env_steps": ckpt["counters"]["env_steps"],
+            "action_repeat": args.action_repeat}  # fmt: skip
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text("".join(json.dumps({**head, **row}) + "\n" for row in rows))
     tmp.replace(out)  # a crash never leaves a half-written results file under the real name
@@ -198,24 +210,57 @@ def run(cmd: Run) -> list[dict]:
     return rows
 
 
+def contexts_figure(results: list[RunResult], reference: Reference | None, path: str) -> None:
+    """Return against each varied feature of the files' setting, one line per method (figures.return_by_context)."""
+    returns = {m: np.stack([r.returns.mean(1) for r in results if r.method == m]) for m in dict.fromkeys(r.method for r in results)}
+    features = {n: envs.task_features(results[0].task)[n] for n in envs.varied_features(results[0].task, results[0].setting)}
+    grid = [c for c, _ in envs.eval_contexts(results[0].task, results[0].setting)]
+    title = f"{results[0].task}, {results[0].setting}: zero-shot return per context"
+    figures.return_by_context(returns, grid, features, path, title, None if reference is None else reference.random)
+
+
 def aggregate_main(cmd: Aggregate) -> dict:
     if not cmd.files:
         raise SystemExit("error: give at least one results file")
     for suffix in (".json", ".png"):
         writable_output(Path(cmd.out + suffix))
-    reference = read_reference(cmd.reference) if cmd.reference else None
+    if cmd.pool:
+        return pool_main(cmd)
+    if len(cmd.reference) > 1:
+        raise SystemExit(f"error: {len(cmd.reference)} reference files without --pool: give one, of the files' setting")
+    reference = read_reference(cmd.reference[0]) if cmd.reference else None
     results = [read_results(f) for f in cmd.files]
     summary = aggregate(results, cmd.reps, cmd.seed, cmd.random_return, cmd.expert_return, reference)
     print(format_table(summary))
     Path(cmd.out + ".json").write_text(json.dumps(summary, indent=1))
     figures.zeroshot_figure(summary, cmd.out + ".png")
     if results[0].setting != "default":
-        returns = {m: np.stack([r.returns.mean(1) for r in results if r.method == m]) for m in dict.fromkeys(r.method for r in results)}
-        features = {n: envs.task_features(results[0].task)[n] for n in envs.varied_features(results[0].task, results[0].setting)}
-        grid = [c for c, _ in envs.eval_contexts(results[0].task, results[0].setting)]
-        title = f"{results[0].task}, {results[0].setting}: zero-shot return per context"
-        figures.return_by_context(returns, grid, features, cmd.out + "_contexts.png", title, None if reference is None else reference.random)
+        contexts_figure(results, reference, cmd.out + "_contexts.png")
     print(f"wrote {cmd.out}.json, {cmd.out}.png and {cmd.out}_contexts.png")
+    return summary
+
+
+def pool_main(cmd: Aggregate) -> dict:
+    """--pool: the release's pooled regime table (pooled.py), each setting normalised by its own reference."""
+    if (cmd.random_return, cmd.expert_return) != (0.0, MAX_RETURN):
+        raise SystemExit("error: --pool normalises by R / 1000 or, with --reference, per context; --random-return and --expert-return do not apply")
+    results = [read_results(f) for f in cmd.files]
+    references = None
+    if cmd.reference:
+        refs = [read_reference(f) for f in cmd.reference]
+        references = {r.setting: r for r in refs}
+        if len(references) < len(refs):
+            raise SystemExit("error: two reference files of one setting: " + ", ".join(f"{r.path} is {r.setting}" for r in refs))
+    summary = pool(results, references, cmd.reps, cmd.seed, cmd.action_repeat)
+    table = format_pooled(summary)
+    print(table)
+    Path(cmd.out + ".json").write_text(json.dumps(summary, indent=1))
+    Path(cmd.out + ".txt").write_text(table + "\n")
+    seeds = "; ".join(f"{m} " + "/".join(map(str, per.values())) for m, per in summary["seeds"].items())
+    figures.zeroshot_figure(summary, cmd.out + ".png", f"{summary['task']}, {summary['setting']}: zero-shot; seeds {seeds}")
+    for setting in summary["settings"]:
+        contexts_figure([r for r in results if r.setting == setting], (references or {}).get(setting), f"{cmd.out}_{setting}_contexts.png")
+    print(f"wrote {cmd.out}.json, {cmd.out}.txt, {cmd.out}.png and {cmd.out}_<setting>_contexts.png for " + ", ".join(summary["settings"]))
     return summary
 
 

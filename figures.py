@@ -1,7 +1,8 @@
 """The figures of evaluate.py and counterfactual.py: the paper's zero-shot panel (IQM bars per regime with
 95% CIs, and a probability-of-improvement panel; DALI Sec. 6, after Agarwal et al. 2021) and the
 counterfactual dreams (DALI Sec. 6.3): decoded features over time, or side-by-side frames as a GIF; and
-the learning curves of benchmarks/learning_curve.py.
+the learning curves of benchmarks/learning_curve.py and benchmarks/study_report.py. Each method has one
+colour in every figure (METHOD_COLORS); return axes start at 0.
 Matplotlib is imported on first use (train.py imports evaluate.py and should not pay for it) and draws
 off-screen (Agg), so no display is needed."""
 
@@ -19,20 +20,40 @@ def _pyplot():
     return plt
 
 
+# One colour per method in every figure of the project: the DALI release's (anaylsis/plot_rliable.py
+# COLOR_MAP, Okabe-Ito), plus the methods it does not plot; any other label gets a grey.
+METHOD_COLORS = {
+    "Dreamer-DR": "#0072B2",  # blue
+    "DALI-S": "#009E73",  # green
+    "DALI-S-chi": "#E69F00",  # orange
+    "cRSSM-S": "#CC79A7",  # pink
+    "cRSSM-D": "#D55E00",  # vermillion
+    "DALI-D": "#882255",  # wine
+    "DALI-D-chi": "#999933",  # olive
+}
+
+
+def method_color(method: str) -> str:
+    """The colour of a method (METHOD_COLORS); a label that is no method's name gets a grey."""
+    return METHOD_COLORS.get(method, "#666666")
+
+
 def _xerr(v: dict) -> list | None:
     """Error-bar extents of {"value", "ci"}; None (no bar) for a single run's missing CI."""
     return [[v["value"] - v["ci"][0]], [v["ci"][1] - v["value"]]] if v["ci"] else None
 
 
-def zeroshot_figure(summary: dict, path: str) -> None:
-    """IQM bars with 95% CIs per regime, and P(X > Y) with CIs over all contexts."""
+def zeroshot_figure(summary: dict, path: str, title: str = "") -> None:
+    """IQM bars with 95% CIs per regime, and P(X > Y) with CIs in extrapolation (the paper's headline regime;
+    over all contexts when the grid has no extrapolation)."""
     plt = _pyplot()
     regimes = list(summary["metrics"])
     methods = list(summary["metrics"][regimes[0]])
-    colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
+    colors = {m: method_color(m) for m in methods}
     top = max((v["IQM"]["ci"] or [v["IQM"]["value"]])[-1] for reg in regimes for v in summary["metrics"][reg].values())
     xmax = 1.0 if top > 0.5 else max(0.05, 1.2 * top)  # weak agents: zoom in rather than show empty bars
-    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(3.0 * (len(regimes) + 1) + 1, 0.5 * len(methods) + 1.8))
+    pairs_n = len(methods) * (len(methods) - 1)  # rows of the P(X > Y) panel, two label lines each
+    fig, axes = plt.subplots(1, len(regimes) + 1, figsize=(3.0 * (len(regimes) + 1) + 1, max(0.5 * len(methods), 0.32 * pairs_n) + 1.8))
     for ax, reg in zip(axes, regimes):
         for i, m in enumerate(methods):
             v = summary["metrics"][reg][m]["IQM"]
@@ -42,15 +63,16 @@ def zeroshot_figure(summary: dict, path: str) -> None:
         ax.set_xlim(0, xmax)
         ax.set_title(reg)
         ax.set_xlabel("IQM normalised score")
-    ax, pairs = axes[-1], summary["improvement"].get("all", {})
+    headline = "extrapolation" if "extrapolation" in summary["improvement"] else "all"
+    ax, pairs = axes[-1], summary["improvement"].get(headline, {})
     for i, (pair, v) in enumerate(pairs.items()):
         ax.errorbar(v["value"], i, xerr=_xerr(v), fmt="o", color=colors[pair.split(" > ")[0]], capsize=3)
     ax.axvline(0.5, color="gray", ls="--", lw=1)
     ax.set_yticks(range(len(pairs)), [p.replace(" > ", " > \n") for p in pairs], fontsize=7)
     ax.set_xlim(0, 1)
-    ax.set_title("P(X > Y), all contexts")
-    seeds = sorted(set(summary["seeds"].values()))
-    fig.suptitle(f"{summary['task']}, {summary['setting']}: zero-shot, {'/'.join(map(str, seeds))} seeds per method")
+    ax.set_title(f"P(X > Y), {'extrapolation' if headline == 'extrapolation' else 'all contexts'}")
+    seeds = sorted(set(summary["seeds"].values())) if not title else []
+    fig.suptitle(title or f"{summary['task']}, {summary['setting']}: zero-shot, {'/'.join(map(str, seeds))} seeds per method")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -71,15 +93,36 @@ def return_by_context(returns: dict[str, np.ndarray], contexts: list[dict], feat
         x = np.asarray([contexts[i][name] for i in cols])
         ax.axvspan(*f.train_range, color="gray", alpha=0.15, label="training range")
         for method, r in returns.items():
-            ax.plot(x, r[:, cols].mean(0), marker="o", ms=3, label=f"{method} ({len(r)} seed{'s' if len(r) > 1 else ''})")
-            ax.fill_between(x, r[:, cols].min(0), r[:, cols].max(0), alpha=0.2)
+            ax.plot(x, r[:, cols].mean(0), marker="o", ms=3, color=method_color(method), label=f"{method} ({len(r)} seed{'s' if len(r) > 1 else ''})")
+            ax.fill_between(x, r[:, cols].min(0), r[:, cols].max(0), color=method_color(method), alpha=0.2)
         if random is not None:
             ax.plot(x, random[cols], color="k", ls="--", lw=1, label="uniform random policy")
         ax.set_xlabel(name)
+        ax.set_ylim(bottom=0)
         ax.set_ylabel("mean return (band: seeds' range)")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def study_learning_curves(curves: dict[str, dict], path: str) -> None:
+    """Evaluation return on the training contexts against env steps, one line per run labelled METHOD_sSEED:
+    the method's colour (METHOD_COLORS), a line style per seed. curves[label] = {"steps", "return"} lists."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    styles = ["-", "--", ":", "-."]  # one per seed, one colour per method
+    for name, c in curves.items():
+        method, seed = name.rsplit("_s", 1)
+        ax.plot([s / 1000 for s in c["steps"]], c["return"], color=method_color(method), ls=styles[int(seed) % len(styles)],
+                marker="o", ms=2, lw=1, label=name)  # fmt: skip
+    ax.set_xlabel("env steps (thousands)")
+    ax.set_ylabel("evaluation return (training contexts)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -131,6 +174,7 @@ def learning_curves(curves: dict[str, dict[str, np.ndarray]], threshold: float, 
         ax.axhline(threshold, color="gray", ls="--", lw=1)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
+    axes[0].set_ylim(bottom=0)
     axes[0].set_ylabel("evaluation return")
     axes[0].legend(fontsize=8)
     fig.suptitle(title)

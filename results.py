@@ -44,6 +44,7 @@ class RunResult:
     seed: int
     regimes: list[str]  # per context, in grid order
     returns: np.ndarray  # (contexts, episodes)
+    action_repeat: int | None = None  # as recorded by `evaluate.py run` (from 2026-12-03 on); None in older files
 
 
 def read_results(path: str) -> RunResult:
@@ -80,7 +81,9 @@ def read_results(path: str) -> RunResult:
     if len(episodes) > 1 or 0 in episodes:
         raise SystemExit(f"error: {path} has unequal or zero episode counts per context: {sorted(episodes)}")
     returns = np.asarray([row["returns"] for row in rows], np.float64)
-    return RunResult(path, head["task"], head["setting"], head["method"], int(head["seed"]), [r["regime"] for r in rows], returns)
+    repeat = head.get("action_repeat")
+    return RunResult(path, head["task"], head["setting"], head["method"], int(head["seed"]), [r["regime"] for r in rows], returns,
+                     None if repeat is None else int(repeat))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Reference:
     setting: str
     random: np.ndarray  # (contexts,) random_c: mean return of the uniform random policy
     expert: np.ndarray  # (contexts,) expert_c
+    action_repeat: int | None = None  # control steps per random decision, as the file records it
 
 
 def read_reference(path: str) -> Reference:
@@ -110,7 +114,7 @@ def read_reference(path: str) -> Reference:
         raise SystemExit(f"error: {path}: its contexts are not the {setting} grid of {task}")
     if (expert <= random).any():
         raise SystemExit(f"error: {path}: expert return <= random return in context {rows[int(np.argmax(expert <= random))]['context']}")
-    return Reference(path, task, setting, random, expert)
+    return Reference(path, task, setting, random, expert, ref.get("action_repeat"))
 
 
 def score_matrices(
@@ -123,7 +127,8 @@ def score_matrices(
         raise SystemExit("error: the files mix tasks: " + ", ".join(f"{r.path} is {r.task}" for r in results))
     settings = {r.setting for r in results}
     if len(settings) > 1:
-        raise SystemExit("error: the files mix settings: " + ", ".join(f"{r.path} is {r.setting}" for r in results))
+        raise SystemExit("error: the files mix settings (`aggregate --pool` pools settings as the paper does): "
+                         + ", ".join(f"{r.path} is {r.setting}" for r in results))  # fmt: skip
     by_method: dict[str, list[RunResult]] = {}
     for r in results:
         by_method.setdefault(r.method, []).append(r)

@@ -12,6 +12,7 @@ In evaluate.py a run is a training seed and a task is an evaluation context. Sco
                          statistic / (M_X M_Y)), averaged over tasks
     95% CIs              percentile intervals of a stratified bootstrap: each task's runs are resampled with
                          replacement, independently per task (for P(X > Y), X's and Y's independently).
+                         (bootstrap_seeds: whole runs resampled instead, each with all its tasks.)
                          A method with a single run has no CI (None): resampling one run always returns it,
                          and the interval [x, x] would read as certainty rather than as no evidence of spread.
 """
@@ -59,6 +60,12 @@ def bootstrap(x: np.ndarray, reps: int, rng: np.random.Generator) -> np.ndarray:
     M, N = x.shape
     idx = rng.integers(0, M, size=(reps, M, N))
     return x[idx, np.arange(N)]
+
+
+def bootstrap_seeds(x: np.ndarray, reps: int, rng: np.random.Generator) -> np.ndarray:
+    """Whole-run bootstrap samples (reps, M, N): M runs drawn with replacement, each with all its tasks."""
+    idx = rng.integers(0, len(x), size=(reps, len(x)))
+    return x[idx]
 
 
 def interval(samples: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:

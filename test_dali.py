@@ -2253,6 +2253,135 @@ def test_every_relative_link_and_anchor_in_the_readme_and_docs_resolves():
     assert not dead, "\n".join(dead)
 
 
+def _pool_files(tmp_path, runs, episodes=2, extra=None):
+    """Hand-made results files: runs = [(setting, method, seed, score(context_index, context) -> return)], each
+    line with `extra` (default: action repeat 2, as `evaluate.py run` records it)."""
+    import json
+
+    extra = {"action_repeat": 2} if extra is None else extra
+    files = []
+    for setting, method, seed, ret in runs:
+        rows = [{"task": "ball_in_cup", "setting": setting, "method": method, "seed": seed, "context": c, "regime": r,
+                 "returns": [ret(i, c)] * episodes, **extra} for i, (c, r) in enumerate(envs.eval_contexts("ball_in_cup", setting))]  # fmt: skip
+        files.append(tmp_path / f"{setting}_{method}_{seed}.jsonl")
+        files[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return list(map(str, files))
+
+
+def _pool_reference(tmp_path, setting, random, action_repeat=2):
+    """A hand-made reference file of `setting`: random_c = random(i), expert_c = 1000."""
+    import json
+
+    rows = [{"context": c, "regime": r, "random_mean": random(i), "expert": 1000.0} for i, (c, r) in enumerate(envs.eval_contexts("ball_in_cup", setting))]
+    path = tmp_path / f"ref_{setting}_{action_repeat}.json"
+    path.write_text(json.dumps({"task": "ball_in_cup", "setting": setting, "episodes": 50, "action_repeat": action_repeat, "contexts": rows}))
+    return str(path)
+
+
+def test_pooling_takes_each_settings_contexts_with_their_regimes_and_normalises_each_by_its_own_reference(tmp_path):
+    """The release's pooling (anaylsis/plot_rliable.py): single_k contributes the contexts where feature k alone
+    changed, as interpolation or extrapolation of that feature; double_box all 84 contexts, a context with one
+    feature inside its training range and the other outside being mixed. Each setting's contexts are normalised
+    by that setting's reference, context by context."""
+    random = {"single_0": lambda i: 10.0 * i, "single_1": lambda i: 600.0 - 40 * i, "double_box": lambda i: 5.0 * i}
+    level = {"single_0": 0.2, "single_1": 0.4, "double_box": 0.9}  # B's normalised score in every context of a setting
+    runs = []
+    for s in level:
+        for seed in (0, 1):
+            runs.append((s, "A", seed, lambda i, c, s=s: random[s](i) + 0.5 * (1000 - random[s](i))))  # 0.5 everywhere
+            runs.append((s, "B", seed, lambda i, c, s=s: random[s](i) + level[s] * (1000 - random[s](i))))
+    files = _pool_files(tmp_path, runs)
+    refs = [_pool_reference(tmp_path, s, random[s]) for s in level]
+    summary = evaluate.main(["aggregate", "--pool", *files, "--reference", *refs, "--out", str(tmp_path / "pooled"), "--reps", "200"])
+    # which contexts each setting contributes, and the regime of each
+    pooled = summary["contexts"]
+    assert [c["context"]["gravity"] for c in pooled["single_0"]] == [0.98, 1.715, 2.45, 3.185, 3.92, 4.9, 7.35, 12.25, 14.7, 15.68, 16.66, 17.64, 18.62, 19.6]
+    assert all(c["context"]["distance"] == 0.3 for c in pooled["single_0"]) and all(c["context"]["gravity"] == 9.81 for c in pooled["single_1"])
+    assert len(pooled["single_1"]) == 13 and len(pooled["double_box"]) == 84
+    count = lambda s, reg: sum(c["regime"] == reg for c in pooled[s])  # noqa: E731
+    assert [count("single_0", r) for r in ("interpolation", "extrapolation", "mixed")] == [4, 10, 0]
+    assert [count("single_1", r) for r in ("interpolation", "extrapolation", "mixed")] == [4, 9, 0]
+    assert [count("double_box", r) for r in ("interpolation", "extrapolation", "mixed")] == [13, 30, 41]
+    regime_of = {(c["context"]["gravity"], c["context"]["distance"]): c["regime"] for c in pooled["double_box"]}
+    assert regime_of[(0.98, 0.3)] == regime_of[(4.9, 0.6)] == regime_of[(9.81, 0.03)] == "mixed"  # one feature in, one out
+    assert regime_of[(0.98, 0.03)] == regime_of[(19.6, 0.6)] == "extrapolation" and regime_of[(9.81, 0.3)] == regime_of[(14.7, 0.15)] == "interpolation"
+    # the pool: each regime holds every setting's contexts of that regime, each normalised by its own reference
+    m = summary["metrics"]
+    assert m["extrapolation"]["B"]["mean"]["value"] == pytest.approx((10 * 0.2 + 9 * 0.4 + 30 * 0.9) / 49)
+    assert m["interpolation"]["B"]["mean"]["value"] == pytest.approx((4 * 0.2 + 4 * 0.4 + 13 * 0.9) / 21)
+    assert m["mixed"]["B"]["mean"]["value"] == pytest.approx(0.9)  # double_box alone has mixed contexts
+    assert m["all"]["B"]["mean"]["value"] == pytest.approx((14 * 0.2 + 13 * 0.4 + 84 * 0.9) / 111)
+    for reg in m:
+        assert m[reg]["A"]["IQM"] == {"value": pytest.approx(0.5), "ci": [pytest.approx(0.5)] * 2, "ci_seeds": [pytest.approx(0.5)] * 2}
+    assert summary["improvement"]["extrapolation"]["A > B"]["value"] == pytest.approx((10 + 9) / 49)  # A beats B on single_0 and single_1 only
+    assert summary["settings"]["single_1"]["metrics"]["extrapolation"]["B"]["mean"]["value"] == pytest.approx(0.4)
+    # R / 1000: the same contexts, scored by their returns alone
+    raw = evaluate.main(["aggregate", "--pool", *files, "--out", str(tmp_path / "raw"), "--reps", "200"])
+    expected = [random[s](i) / 1000 + level[s] * (1 - random[s](i) / 1000) for s in level for i, c in enumerate(pooled[s]) if c["regime"] == "mixed"]
+    assert raw["metrics"]["mixed"]["B"]["mean"]["value"] == pytest.approx(np.mean(expected))
+    assert (tmp_path / "pooled.png").stat().st_size > 10_000 and (tmp_path / "pooled_double_box_contexts.png").exists()
+    assert "P(A > B)" in (tmp_path / "pooled.txt").read_text()
+
+
+def test_pooled_whole_seed_intervals_keep_the_spread_of_a_seed_that_breaks_everywhere(tmp_path):
+    """One seed scores 0.9 in every context, the other 0.1: the per-context bootstrap mixes the two seeds across
+    contexts and its CI of the mean shrinks around 0.5; resampling whole seeds keeps the all-good and all-bad
+    draws. A setting alone reports the same values and stratified CIs as `aggregate` of its files."""
+    runs = [(s, m, seed, lambda i, c, seed=seed: 900.0 if seed == 0 else 100.0) for s in ("single_0", "single_1") for m in ("A", "B") for seed in (0, 1)]
+    files = _pool_files(tmp_path, runs)
+    summary = evaluate.main(["aggregate", "--pool", *files, "--out", str(tmp_path / "p"), "--reps", "400"])
+    mean = summary["metrics"]["all"]["A"]["mean"]
+    assert mean["value"] == pytest.approx(0.5)
+    assert mean["ci"][1] - mean["ci"][0] < 0.25 and mean["ci_seeds"] == [pytest.approx(0.1), pytest.approx(0.9)]
+    alone = evaluate.main(["aggregate", *[f for f in files if "single_1" in f], "--out", str(tmp_path / "a"), "--reps", "400"])
+    for reg, methods in alone["metrics"].items():
+        for method, values in methods.items():
+            for name, v in values.items():
+                assert {k: summary["settings"]["single_1"]["metrics"][reg][method][name][k] for k in ("value", "ci")} == v
+
+
+def test_pooling_refuses_different_tasks_protocols_and_incomplete_pools(tmp_path):
+    import json
+
+    good = _pool_files(tmp_path, [(s, m, 0, lambda i, c: 500.0) for s in ("single_0", "single_1") for m in ("A", "B")])
+    ref0, ref1 = _pool_reference(tmp_path, "single_0", lambda i: 0.0), _pool_reference(tmp_path, "single_1", lambda i: 0.0)
+    walker = tmp_path / "walker.jsonl"
+    walker.write_text("".join(json.dumps({"task": "walker", "setting": "single_0", "method": "A", "seed": 1, "context": c, "regime": r, "returns": [1.0, 1.0]}) + "\n"
+                              for c, r in envs.eval_contexts("walker", "single_0")))  # fmt: skip
+    (tmp_path / "e").mkdir()
+    three = _pool_files(tmp_path / "e", [("single_0", "A", 1, lambda i, c: 500.0)], episodes=3)
+    (tmp_path / "r").mkdir()
+    repeat4 = _pool_files(tmp_path / "r", [("single_0", "A", 1, lambda i, c: 500.0)], extra={"action_repeat": 4})
+    (tmp_path / "u").mkdir()
+    unrecorded = _pool_files(tmp_path / "u", [("single_0", "A", 1, lambda i, c: 500.0)], extra={})
+    wrong = tmp_path / "wrong_regime.jsonl"
+    wrong.write_text(Path(good[0]).read_text().replace('"regime": "extrapolation"', '"regime": "mixed"', 1))
+    cases = [
+        ([*good, str(walker)], [], "cannot pool different tasks"),
+        ([*good, *three], [], "episodes per context differ"),
+        ([*good, *repeat4], [], "action repeats differ"),
+        ([*good, *unrecorded], [], "records no action repeat and no train.py args.json lies beside it"),
+        (good[1:], [], "A has no run on single_0"),
+        ([*good], ["--reference", ref0], "no reference of setting single_1"),
+        ([*good], ["--reference", ref0, _pool_reference(tmp_path, "single_1", lambda i: 0.0, action_repeat=1)], "measured with action repeat 1, the runs act with 2"),
+    ]
+    for files, flags, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            evaluate.main(["aggregate", "--pool", *files, *flags, "--out", str(tmp_path / "x"), "--reps", "50"])
+    with pytest.raises(SystemExit, match="is recorded as mixed, the pooling rule makes it extrapolation"):
+        evaluate.main(["aggregate", "--pool", str(wrong), *good[1:], "--out", str(tmp_path / "x"), "--reps", "50"])
+    # an unrecorded action repeat: read from the run's train.py args.json beside the file, or stated
+    (tmp_path / "u" / "train").mkdir()
+    (tmp_path / "u" / "train" / "args.json").write_text(json.dumps({"action_repeat": 2}))
+    found = evaluate.main(["aggregate", "--pool", *good, *unrecorded, "--out", str(tmp_path / "x"), "--reps", "50"])
+    assert found["action_repeat_source"][unrecorded[0]].startswith("read from") and found["action_repeat"] == 2
+    (tmp_path / "u" / "train" / "args.json").unlink()
+    stated = evaluate.main(["aggregate", "--pool", *good, *unrecorded, "--action-repeat", "2", "--out", str(tmp_path / "x"), "--reps", "50"])
+    assert stated["action_repeat_source"][unrecorded[0]] == "stated by --action-repeat"
+    with pytest.raises(SystemExit, match="action repeats differ"):
+        evaluate.main(["aggregate", "--pool", *good, *unrecorded, "--action-repeat", "4", "--out", str(tmp_path / "x"), "--reps", "50"])
+
+
 def test_film_shows_each_context_side_by_side_in_real_time_and_rejects_bad_contexts(tiny_dali_run, tmp_path, capsys):
     """film.py: one panel per context, one frame per `every` policy steps from the first state on, labels with
     the returns; the panels differ because the physics does; impossible or unknown contexts fail clearly."""

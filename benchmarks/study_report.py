@@ -19,6 +19,7 @@ writes, under --out:
 Runs still training appear in the curves and the cost table (marked), not in the aggregates. Run by hand:
 
     python benchmarks/study_report.py ~/studies/bic_gravity ~/studies/bic_refs --reference docs/results/reference_single_0.json --out docs/results/bic_gravity
+    python benchmarks/study_report.py --replot --out docs/results/bic_gravity    # learning_curves.png from curves.json
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from contexts import eval_contexts, varied_features  # noqa: E402
 from evaluate import method_name  # noqa: E402
-from figures import _pyplot  # noqa: E402
+from figures import study_learning_curves  # noqa: E402
 from results import REGIMES, read_results  # noqa: E402
 
 
@@ -56,6 +57,9 @@ class Args:
     """Policy steps per probe episode."""
     plausibility_episodes: int = 3
     """Policy episodes per grid context recorded for the plausibility measure (its start states)."""
+    replot: bool = False
+    """Only re-draw OUT/learning_curves.png from OUT/curves.json (no study directory needed: after a change of
+    figures.py, for studies whose directories are gone)."""
 
 
 def run_dirs(study: Path) -> list[Path]:
@@ -140,6 +144,10 @@ def context_table(files: list[Path]) -> str:
 
 def main(args: Args) -> None:
     out = Path(args.out)
+    if args.replot:
+        study_learning_curves(json.loads((out / "curves.json").read_text()), str(out / "learning_curves.png"))
+        print(f"re-drew {out / 'learning_curves.png'} from {out / 'curves.json'}")
+        return
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs = [run for s in args.studies for run in run_dirs(Path(s).expanduser())]
     curves, files = {}, []
@@ -160,21 +168,7 @@ def main(args: Args) -> None:
         lines.append(f"| {name} | {c['env_steps']:,} | {c['updates']:,} | {c['hours']:.2f} | {rate:,.0f} | {'done' if c['done'] else 'training'} |")
     (out / "cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    methods = sorted({name.rsplit("_s", 1)[0] for name in curves})
-    styles = ["-", "--", ":", "-."]  # one per seed, one colour per method
-    for name, c in curves.items():
-        method, seed = name.rsplit("_s", 1)
-        ax.plot([s / 1000 for s in c["steps"]], c["return"], color=plt.cm.tab10(methods.index(method)), ls=styles[int(seed) % len(styles)],
-                marker="o", ms=2, lw=1, label=name)  # fmt: skip
-    ax.set_xlabel("env steps (thousands)")
-    ax.set_ylabel("evaluation return (training contexts)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=120)
-    plt.close(fig)
+    study_learning_curves(curves, str(out / "learning_curves.png"))
     probes(runs, out, args)
     if not files:
         print("no finished runs yet: no aggregate")
