@@ -182,7 +182,7 @@ def load_checkpoint(path: str | Path, args: Args | None = None) -> dict:
         raise SystemExit(f"error: {path} is a pretrained agent (weights only, no replay or optimisers): evaluate, film or "
                          "dream with it; train.py cannot resume it")  # fmt: skip
     if args is not None:
-        conflicts = config_conflicts(with_defaults(ckpt["args"]), dataclasses.asdict(args))
+        conflicts = config_conflicts(ckpt["args"], dataclasses.asdict(args))
         if conflicts:
             raise SystemExit(f"error: checkpoint {path} was trained with another configuration:\n       " + "\n       ".join(conflicts))
     return ckpt
@@ -243,16 +243,6 @@ def state_digest(ckpt: dict) -> dict[str, str]:
             data = json.dumps(value).encode()
         out[path] = hashlib.sha256(data).hexdigest()
     return out
-
-
-def with_defaults(saved: dict) -> dict:
-    """Saved Args with the fields added since it was written at their defaults (which build what the older code
-    built: e.g. no --enc-dec-hidden, encoder and decoder as wide as --hidden). A field unknown here is kept,
-    so that config_conflicts reports it."""
-    try:
-        return {**saved, **dataclasses.asdict(args_from_dict(saved))}
-    except (TypeError, KeyError):
-        return saved
 
 
 def config_conflicts(saved: dict, new: dict) -> list[str]:
