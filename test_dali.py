@@ -1368,6 +1368,8 @@ def test_size_s_has_dreamerv3_s_parameter_count_on_walker_features():
     cpu = train.cli(["--context", "none"]).agent
     assert (cpu.hidden, cpu.layers, cpu.enc_dec_hidden, cpu.enc_dec_layers) == (128, 1, None, None)
     assert count(checkpoint.build_agent(train.cli(["--context", "none"]), envs.make_env("walker"))) == 881_827
+    with pytest.raises(SystemExit, match="--enc-dec-layers 0: must be >= 1"):
+        train.check_args(train.cli(["--size", "s", "--enc-dec-layers", "0"]))
 
 
 def test_resume_reproduces_uninterrupted_training(tmp_path):
