@@ -1474,6 +1474,29 @@ def test_size_presets_set_their_train_ratio_and_flags_override_it():
         train.cli(["--task", "cheetah"])
 
 
+def test_size_s_has_dreamerv3_s_parameter_count_on_walker_features():
+    """--size s is DreamerV3's S as it ran on proprioceptive DMC (danijar/dreamerv3 at 423291a): encoder and
+    decoder MLPs 5 x 1024 (its size overrides missed them), RSSM 512 / 512 / 32 x 32, the other MLPs
+    2 x 512. The figures are derived from DreamerV3's configs.yaml and nets.py by hand in docs/training.md
+    (walker: 24 observation dims, 6 action dims); the slow critic, an EMA copy, is not trained and not counted."""
+    args = train.cli(["--size", "s", "--context", "none"])
+    agent = checkpoint.build_agent(args, envs.make_env("walker"))
+    count = lambda module: sum(p.numel() for p in module.parameters() if p.requires_grad)  # noqa: E731
+    parts = {"rssm": agent.wm.rssm, "encoder": agent.wm.encoder, "decoder": agent.wm.decoder, "reward": agent.wm.reward_head,
+             "continue": agent.wm.cont_head, "actor": agent.ac.actor, "critic": agent.ac.critic}  # fmt: skip
+    assert {k: count(m) for k, m in parts.items()} == {
+        "rssm": 4_206_080, "encoder": 4_229_120, "decoder": 5_802_008, "reward": 1_181_439,
+        "continue": 1_051_137, "actor": 1_056_780, "critic": 1_181_439,
+    }  # fmt: skip
+    assert count(agent) == 18_708_003
+    # the cpu preset keeps encoder and decoder as wide as its other MLPs (1 x 128): its runs are unchanged
+    cpu = train.cli(["--context", "none"]).agent
+    assert (cpu.hidden, cpu.layers, cpu.enc_dec_hidden, cpu.enc_dec_layers) == (128, 1, None, None)
+    assert count(checkpoint.build_agent(train.cli(["--context", "none"]), envs.make_env("walker"))) == 881_827
+    with pytest.raises(SystemExit, match="--enc-dec-layers 0: must be >= 1"):
+        train.check_args(train.cli(["--size", "s", "--enc-dec-layers", "0"]))
+
+
 def test_resume_reproduces_uninterrupted_training(tmp_path):
     full = train.cli([*TINY_FLAGS, "--steps", "6000", "--logdir", str(tmp_path / "full")])
     train.main(full)

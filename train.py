@@ -66,6 +66,9 @@ def check_args(args: Args) -> None:
     for name in ("steps", "envs", "batch_size", "batch_length", "action_repeat", "replay_capacity"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    for name in ("enc_dec_hidden", "enc_dec_layers"):
+        if getattr(args.agent, name) is not None and getattr(args.agent, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} {getattr(args.agent, name)}: must be >= 1 (or None: as --{name.split('_')[-1]})")
     if args.train_ratio <= 0:
         problems.append(f"--train-ratio {args.train_ratio}: must be > 0")
     prefix = context_prefix(args.agent, args.ctx)  # history records before the T training steps of a batch

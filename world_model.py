@@ -47,11 +47,17 @@ class WorldModelConfig:
     """The world model's MLPs, loss weights and optimiser (DreamerV3 App. B, Table B.1 defaults)."""
 
     hidden: int = 512
-    """Units of the MLPs (world model: encoder, decoder, heads; actor-critic: actor, critic)."""
+    """Units of the MLPs (world model: reward and continue heads, and encoder and decoder unless
+    --enc-dec-hidden is set; actor-critic: actor, critic)."""
     layers: int = 2
     """Hidden layers of those MLPs."""
     cnn_depth: int = 32
     """Channels of the first CNN layer for pixels (doubling per layer, 4 layers: 64 -> 4)."""
+    enc_dec_hidden: int | None = None
+    """Units of the encoder and decoder MLPs for features (None: --hidden). DreamerV3's proprio runs kept
+    them at 1024 whatever the size (its size overrides missed them; docs/training.md)."""
+    enc_dec_layers: int | None = None
+    """Hidden layers of the encoder and decoder MLPs for features (None: --layers; DreamerV3's proprio runs: 5)."""
     free_nats: float = 1.0
     """Free bits of each KL term, summed over the latents."""
     dyn_scale: float = 0.5
@@ -74,6 +80,14 @@ class Spaces:
     obs: int = 0  # feature vector size, 0 for pixels
     image: tuple[int, int, int] | None = None  # (H, W, 3) for pixels
     context: int = 0  # true context dims X
+
+
+def enc_dec_mlp(cfg: WorldModelConfig) -> tuple[int, int]:
+    """(units, hidden layers) of the feature encoder and decoder MLPs: their own fields where set, else the
+    other MLPs' (--hidden, --layers)."""
+    hidden = cfg.hidden if cfg.enc_dec_hidden is None else cfg.enc_dec_hidden
+    layers = cfg.layers if cfg.enc_dec_layers is None else cfg.enc_dec_layers
+    return hidden, layers
 
 
 class ChannelNorm(nn.LayerNorm):
@@ -100,8 +114,9 @@ class Encoder(nn.Module):
             self.net = nn.Sequential(*[_conv(nn.Conv2d(i, o, 4, 2, 1, bias=False), o) for i, o in zip(chans[:-1], chans[1:])])
             self.size = 8 * d * (spaces.image[0] // 16) ** 2 + ctx_in  # ctx joins the flat CNN output
         else:
-            self.net = mlp(spaces.obs + ctx_in, cfg.hidden, cfg.layers)
-            self.size = cfg.hidden
+            hidden, layers = enc_dec_mlp(cfg)
+            self.net = mlp(spaces.obs + ctx_in, hidden, layers)
+            self.size = hidden
 
     def forward(self, obs: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
         if self.pixels:
@@ -130,7 +145,7 @@ class Decoder(nn.Module):
             self.net = nn.Sequential(*ups, last)
             self.ctx_head = mlp(feat, cfg.hidden, cfg.layers, ctx_out) if ctx_out else None
         else:
-            self.net = mlp(feat, cfg.hidden, cfg.layers, spaces.obs + ctx_out)
+            self.net = mlp(feat, *enc_dec_mlp(cfg), spaces.obs + ctx_out)
 
     def loss(self, feat: torch.Tensor, obs: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
         """Summed squared error per step: feat (B, T, F), obs (B, T, ...) -> (B, T)."""

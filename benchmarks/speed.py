@@ -3,6 +3,7 @@
     python benchmarks/speed.py                        # cpu and xs presets, features and pixels
     python benchmarks/speed.py --sizes cpu xs s --threads 2
     python benchmarks/speed.py --sizes cpu --obs features --flags "" imag-starts=128 "rssm.classes=4 imag-starts=128"
+    python benchmarks/speed.py --task walker --sizes cpu xs s --obs features --threads 1 --reps 3 --cost-per-preset
 
 In one run it measures:
   1. fp32 matmul throughput at the shapes the update uses (the observe loop runs at batch B = 16 rows,
@@ -12,11 +13,19 @@ In one run it measures:
      backward, optimiser) per size preset and input, split into phases, and the achieved GFLOP/s as a
      fraction of the measured 1024-row matmul throughput;
   4. the acting loop (batched policy + env step, 4 envs) in env steps/s.
+With --cost-per-preset it also prints, per preset, what the README's main command (train.py --task walker
+--integration shallow --size <preset>, 500k env steps) costs: trained parameters, GFLOP per update, the
+measured seconds per update, its number of updates at the preset's train ratio (train.py's semantics:
+(steps - prefill) / action repeat policy steps, x ratio / (B x T) updates each), the acting time (training
+env steps plus the default evaluation's, at the preset's measured acting rate), and the hours on this CPU;
+and, for one GPU, an estimate (not a measurement) from the update's operator count and FLOPs under the
+assumptions of --gpu-op-us and --gpu-tflops.
 Run by hand (never by CI); the figures are in docs/speed.md.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +53,11 @@ class Args:
     threads: int = 2
     """torch threads."""
     reps: int = 5
-    """Timed updates per configuration (after 2 warm-up updates)."""
+    """Timed updates per configuration (after --warmup updates and the two that count FLOPs and operators)."""
+    warmup: int = 2
+    """Untimed updates before the counted and timed ones."""
+    phases: bool = True
+    """Also time the update's phases (two more updates)."""
     task: str = "ball_in_cup"
     """Task whose observation and action sizes are used."""
     flags: tuple[str, ...] = ("",)
@@ -53,6 +66,16 @@ class Args:
     with 128 imagination starts)."""
     acting: bool = True
     """Also time the acting loop."""
+    cost_per_preset: bool = False
+    """Print the main command's cost per preset (parameters, GFLOP, s / update, updates, hours; docs/speed.md#cost-per-preset)."""
+    main_steps: int = 500_000
+    """Env steps of the main command, for --cost-per-preset."""
+    gpu_op_us: float = 10.0
+    """GPU estimate: microseconds per tensor operator in eager PyTorch (dispatch and kernel launch, which bound
+    the small sequential steps of the RSSM); an assumption, not a measurement."""
+    gpu_tflops: float = 20.0
+    """GPU estimate: sustained fp32 TFLOP/s of the update's arithmetic (about 30% of an H100/H200's fp32 peak);
+    an assumption, not a measurement."""
 
 
 def matmul_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
@@ -138,32 +161,73 @@ def build(size: str, obs: str, args: Args, flags: str = "") -> tuple[Agent, trai
     return train.build_agent(run, envs.make_env(args.task, obs), "cpu"), run
 
 
-def time_update(size: str, obs: str, args: Args, peak: float, flags: str) -> None:
+def count_ops(fn) -> int:
+    """Tensor operators (aten calls: each one or more kernel launches on a GPU) that fn() dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def time_update(size: str, obs: str, args: Args, peak: float, flags: str) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     agent, run = build(size, obs, args, flags)
     batch = fake_batch(agent, run.batch_size, run.batch_length)
-    for _ in range(2):
+    for _ in range(args.warmup):
         agent.update(batch)
     with FlopCounterMode(display=False) as counter:
         agent.update(batch)
     flops = counter.get_total_flops()
+    ops = count_ops(lambda: agent.update(batch))
     times = []
     for _ in range(args.reps):
         start = time.perf_counter()
         agent.update(batch)
         times.append(time.perf_counter() - start)
     sec = float(np.median(times))
-    split = [phases(agent, batch) for _ in range(2)]
-    split = {k: float(np.median([s[k] for s in split])) for k in split[0]}
+    split = [phases(agent, batch) for _ in range(2 if args.phases else 0)]
+    split = {k: float(np.median([s[k] for s in split])) for k in split[0]} if split else {}
     gf = flops / sec / 1e9
-    print(f"\n{size} {obs} {flags!r}: {sec:.3f} s/update (median of {args.reps}), {flops / 1e9:.1f} GFLOP, {gf:.1f} GFLOP/s = {gf / peak:.0%} of matmul peak")
+    print(f"\n{size} {obs} {flags!r}: {sec:.3f} s/update (median of {args.reps}: {', '.join(f'{x:.3f}' for x in times)}), "
+          f"{flops / 1e9:.1f} GFLOP, {gf:.1f} GFLOP/s = {gf / peak:.0%} of matmul peak, {ops} tensor operators")  # fmt: skip
     for k, v in split.items():
         print(f"    {k:<32} {v:7.3f} s")
+    params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
+    return {"size": size, "obs": obs, "flags": flags, "run": run, "sec": sec, "flops": flops, "ops": ops, "params": params}
 
 
-def time_acting(obs: str, args: Args, steps: int = 400, num_envs: int = 4) -> float:
-    agent, run = build("cpu", obs, args)
+def main_command_updates(run: train.Args, steps: int) -> int:
+    """Updates train.py makes in `steps` env steps: policy steps after the prefill x ratio / (B x T), rounded up."""
+    policy_steps = (steps - run.prefill) // run.action_repeat
+    return math.ceil(policy_steps * run.train_ratio / (run.batch_size * run.batch_length))
+
+
+def cost_table(rows: list[dict], args: Args) -> None:
+    """The main command's cost per preset (docs/speed.md#cost-per-preset)."""
+    print(f"\ncost of the main command per preset ({args.main_steps:,} env steps on {args.task}, context {args.context}):")
+    print("| preset | parameters | GFLOP / update | s / update (this CPU) | updates | acting h | hours, this CPU | GPU estimate: s / update | hours, one GPU (estimate) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        run = r["run"]
+        updates = main_command_updates(run, args.main_steps)
+        evals = args.main_steps // run.eval_every * run.eval_episodes * envs.EPISODE_STEPS if run.eval_every else 0
+        acting_h = (args.main_steps + evals) / time_acting(r["obs"], args, size=r["size"], flags=r["flags"]) / 3600
+        gpu_sec = max(r["ops"] * args.gpu_op_us * 1e-6, r["flops"] / (args.gpu_tflops * 1e12))
+        print(f"| {r['size']} | {r['params']:,} | {r['flops'] / 1e9:.0f} | {r['sec']:.2f} | {updates:,} | {acting_h:.2f} | "
+              f"{updates * r['sec'] / 3600 + acting_h:.1f} | {gpu_sec:.3f} | {updates * gpu_sec / 3600:.1f} + acting |")  # fmt: skip
+
+
+def time_acting(obs: str, args: Args, steps: int = 400, num_envs: int = 4, size: str = "cpu", flags: str = "") -> float:
+    agent, run = build(size, obs, args, flags)
     vec = VectorEnv([envs.make_env(args.task, obs, None, i, run.action_repeat) for i in range(num_envs)])
     o, _ = vec.reset()
     state = agent.initial_state(num_envs)
@@ -187,10 +251,9 @@ def main(args: Args) -> None:
         g = matmul_gflops(m, k, n)
         peak = max(peak, g)
         print(f"    {name:<40} {g:7.1f} GFLOP/s")
-    for size in args.sizes:
-        for obs in args.obs:
-            for flags in args.flags:
-                time_update(size, obs, args, peak, flags)
+    rows = [time_update(size, obs, args, peak, flags) for size in args.sizes for obs in args.obs for flags in args.flags]
+    if args.cost_per_preset:
+        cost_table(rows, args)
     print("\nacting loop (cpu preset, 4 envs, sampled actions):")
     for obs in args.obs if args.acting else ():
         print(f"    {obs:<9} {time_acting(obs, args):7.0f} env steps/s")
