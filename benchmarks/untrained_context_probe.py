@@ -50,6 +50,14 @@ def main(cmd: Probe) -> dict:
         grid = ", ".join(f"{n} {v:.3f}" for n, v in table["r2_linear"].items() if v is not None)
         inner = ", ".join(f"{n} {v:.3f}" for n, v in table.get("r2_linear_train_range", {}).items() if v is not None)
         print(f"{label}: held-out linear probe R^2, whole grid: {grid}; inside the training range: {inner or '-'}")
+    if agent.tc is not None and agent.spaces.image is None:  # have L_TC's codes collapsed? (its targets would be trivial)
+        with torch.no_grad():
+            index = agent.tc.target_indices(ep.x.to(device).float()).flatten(0, 1)  # (E * T, G)
+        counts = torch.stack([torch.bincount(index[:, g], minlength=agent.tc.codebook.shape[0]) for g in range(index.shape[1])]).float()  # (G, Q)
+        p = counts / counts.sum(-1, keepdim=True)
+        entropy = -(p * p.clamp(min=1e-12).log()).sum(-1)  # (G,) nats
+        print(f"L_TC target codes on these episodes: {(counts > 0).sum(-1).float().mean():.1f} of {counts.shape[1]} used per group, "
+              f"entropy {entropy.mean():.2f} nats per group (uniform: {np.log(counts.shape[1]):.2f})")
     return out
 
 
