@@ -247,8 +247,10 @@ def state_digest(ckpt: dict) -> dict[str, str]:
 
 
 def config_conflicts(saved: dict, new: dict) -> list[str]:
-    """The non-resumable fields where two Args dicts differ, as 'flag: saved X, asked Y' lines."""
-    saved, new = _flatten(saved), _flatten(new)
+    """The non-resumable fields where two Args dicts differ, as 'flag: saved X, asked Y' lines. A field absent from
+    `saved` was added after that run started: it compares as its default, which is the old behaviour (e.g.
+    --ctx.objective fd) for every field but those `migrate_args` completes first (--ctx.refresh)."""
+    saved, new = {**_flatten(dataclasses.asdict(Args())), **_flatten(saved)}, _flatten(new)
     return [
         f"--{k.replace('_', '-')}: trained with {saved.get(k)!r}, this run asks {new.get(k)!r}"
         for k in sorted(saved.keys() | new.keys())

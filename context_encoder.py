@@ -4,6 +4,7 @@
                                                             recent transitions of the current episode
     L_FD  = || o_{t+1} - f(o_t, a_t, ctx_t) ||^2             eq. 3: trains g (and f), nothing else does
     L_cross (optional, "DALI-chi")                          aligns ctx_t with the world model's state: cross_modal.py
+    L_TC (`--ctx.objective tc`, instead of L_FD)            SPC's latent temporal consistency: temporal_consistency.py
 
 Token j is the transition (o_j, a_j, o_{j+1}); it exists only if o_{j+1} is in the same episode as o_j.
 g is a one-layer transformer encoder over [CLS; window tokens] pooled at CLS: tokens -> linear ->
@@ -30,6 +31,7 @@ size, A action dims, X context dims, U units.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -65,6 +67,19 @@ class ContextEncoderConfig:
     `held_context`). 16 = H + 1: an imagined rollout spans the states of one held interval. 0: the
     per-step variant (ctx_{t-1} into the sequence model, ctx_t into the heads at every step), which gives
     training a fresh observation channel that imagination lacks (docs/deep_context.md)."""
+    objective: Literal["fd", "tc"] = "fd"
+    """What trains g: fd, DALI's forward-dynamics loss L_FD (eq. 3, with f); tc, SPC's latent temporal
+    consistency L_TC (temporal_consistency.py; f is then built but unused)."""
+    tc_horizon: int = 5
+    """H: open-loop steps of the L_TC rollout (SPC's default)."""
+    tc_rho: float = 0.99
+    """rho: weight rho^(k-1) of rollout step k in L_TC (SPC's default)."""
+    tc_tau: float = 0.005
+    """tau: EMA rate of L_TC's target observation encoder (SPC's default)."""
+    tc_groups: int = 32
+    """G: FSQ code groups of L_TC's observation encoder, each 2 channels of levels (5, 3) (SPC: 512)."""
+    tc_units: int = 128
+    """Units of L_TC's observation encoder (1 hidden layer) and transition model (2) (SPC: 512)."""
 
 
 def transition_tokens(obs: torch.Tensor, next_obs: torch.Tensor, action: torch.Tensor, features: bool) -> torch.Tensor:

@@ -28,7 +28,8 @@ prior a fresh view of recent observations that imagination, which holds one ctx,
 (docs/deep_context.md has the measurements).
 
 ctx is detached wherever the world model and the actor-critic consume it: only L_FD (and L_cross) train
-the context encoder, with its own optimiser. A learned-context agent never reads the true context.
+the context encoder, with its own optimiser (or, with `--ctx.objective tc`, SPC's L_TC: temporal_consistency.py).
+A learned-context agent never reads the true context.
 
 Replayed batches of a learned-context agent hold P = `context_prefix` extra records before the T training
 steps: P = K, so that ctx_t of the first training step pools a full window of K transitions (fewer after an
@@ -57,6 +58,7 @@ from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow,
 from cross_modal import CrossModal, context_objective, cross_modal_context_loss
 from layers import require_finite
 from rssm import RSSMConfig
+from temporal_consistency import TemporalConsistencyModel, temporal_consistency_loss
 from world_model import Spaces, WorldModel, WorldModelConfig
 
 ContextSource = Literal["none", "oracle", "learned"]
@@ -157,9 +159,18 @@ class Agent(nn.Module):
         cross_scale = ctx_cfg.cross_weight if learned else 0.0  # L_cross's state term trains the world model
         self.wm = WorldModel(cfg, rssm_cfg, spaces, self.ctx_enc, self.ctx_post, self.ctx_deep, build_context_encoder if learned else None, cross_scale)
         self.ac = ActorCritic(cfg, self.wm.feat_size, spaces.action)
-        if learned:  # g, f and L_cross's V (its W is fixed)
+        self.tc = None  # L_TC's model (--ctx.objective tc), built last: g, world model and actor-critic start as with L_FD
+        if learned and ctx_cfg.objective == "tc":
+            if ctx_cfg.cross_weight:
+                raise ValueError(f"--ctx.cross-weight {ctx_cfg.cross_weight} needs --ctx.objective fd (L_cross is weighed against L_FD)")
+            enc = self.ctx_encoder
+            self.tc = TemporalConsistencyModel(enc.obs_size, spaces.action, ctx_cfg.dim, ctx_cfg.tc_groups, ctx_cfg.tc_units, enc.features)
+        if learned:  # g, and f and L_cross's V (its W is fixed) or L_TC's encoder and transition model (its target is an EMA)
             cross_params = [p for p in self.cross.parameters() if p.requires_grad] if self.cross else []
             ctx_params = list(self.ctx_encoder.parameters()) + cross_params
+            if self.tc is not None:
+                ctx_params = [p for n, p in self.ctx_encoder.named_parameters() if not n.startswith("forward_model.")]
+                ctx_params += [p for p in self.tc.parameters() if p.requires_grad]
             self.ctx_opt = torch.optim.Adam(ctx_params, ctx_cfg.lr)
 
     @property
@@ -223,6 +234,8 @@ class Agent(nn.Module):
         """DALI eq. 3: L_FD over the T training steps (each ctx_t with its full window), + lambda O times L_cross's
         context term (`context_objective`) towards the posterior model state [h_t; z_t] `state` (B, T, D + S*C); its state term is a
         world-model loss (`WorldModel.loss`)."""
+        if self.tc is not None:
+            return self.update_context_encoder_tc(batch, pieces)
         P, x, ctx = self.context_prefix, pieces["x"], pieces["ctx"]
         # step t predicts o_{t+1} from (o_t, a_t, ctx_t); a_t is stored with record t+1
         fd = forward_dynamics_loss(self.ctx_encoder, x[:, P:-1], x[:, P + 1 :], batch["action"][:, P + 1 :], ctx[:, P:-1], pieces["valid"][:, P:])
@@ -238,6 +251,25 @@ class Agent(nn.Module):
         params = [p for g in self.ctx_opt.param_groups for p in g["params"]]
         metrics["ctx/grad_norm"] = nn.utils.clip_grad_norm_(params, self.ctx_cfg.clip)
         self.ctx_opt.step()
+        metrics["ctx/norm"] = ctx[:, P:].detach().norm(dim=-1).mean()
+        return metrics
+
+    def update_context_encoder_tc(self, batch: dict, pieces: dict) -> dict:
+        """`--ctx.objective tc`: SPC's L_TC (temporal_consistency.py) over H-step rollouts from every training step
+        t but the last (each ctx_t with its full window), training g, L_TC's encoder and transition model; then
+        the EMA of its target encoder."""
+        P, x, ctx = self.context_prefix, pieces["x"], pieces["ctx"]
+        valid = pieces["valid"][:, P:]  # (B, T - 1): o_{t+1} continues o_t's episode
+        tc = temporal_consistency_loss(self.tc, x[:, P:], batch["action"][:, P + 1 :], ctx[:, P:-1], valid, self.ctx_cfg.tc_horizon, self.ctx_cfg.tc_rho)
+        loss = tc.sum() / valid.sum().clamp(min=1)  # over the rollouts whose first step is valid
+        metrics = {"ctx/tc_loss": loss.detach()}
+        require_finite(metrics)
+        self.ctx_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.ctx_opt.param_groups for p in g["params"]]
+        metrics["ctx/grad_norm"] = nn.utils.clip_grad_norm_(params, self.ctx_cfg.clip)
+        self.ctx_opt.step()
+        self.tc.update_target(self.ctx_cfg.tc_tau)
         metrics["ctx/norm"] = ctx[:, P:].detach().norm(dim=-1).mean()
         return metrics
 

@@ -1819,17 +1819,19 @@ def test_a_second_signal_exits_at_once_even_when_both_arrive_during_one_long_c_c
             sender.wait()
 
 
-@pytest.mark.parametrize("obs,integration,when", [("features", "deep", "update"), ("pixels", "shallow", "update"), ("features", "deep", "eval")])
-def test_a_run_interrupted_mid_episode_resumes_bit_identically(tmp_path, monkeypatch, obs, integration, when):
+@pytest.mark.parametrize("obs,integration,when,objective", [("features", "deep", "update", "fd"), ("pixels", "shallow", "update", "fd"),
+                                                       ("features", "deep", "eval", "fd"), ("features", "shallow", "update", "tc")])  # fmt: skip
+def test_a_run_interrupted_mid_episode_resumes_bit_identically(tmp_path, monkeypatch, obs, integration, when, objective):
     """A SIGTERM in the middle of an episode, or during a periodic evaluation, then --resume: parameters,
     optimiser states, replay, counters and every logged metric equal an uninterrupted run's (learned
-    context, so the context windows are restored too). The evaluation stops at its next step and is redone
+    context, so the context windows are restored too; with --ctx.objective tc, L_TC's model, its EMA target
+    encoder and the random stream of its sampled codes). The evaluation stops at its next step and is redone
     on resume, from the random streams it started with."""
     import json
     import os
     import signal
 
-    flags = [*TINY_FLAGS, "--obs", obs, "--integration", integration, "--steps", "4000", "--eval-episodes", "16"]
+    flags = [*TINY_FLAGS, "--obs", obs, "--integration", integration, "--ctx.objective", objective, "--steps", "4000", "--eval-episodes", "16"]
     train.main(train.cli([*flags, "--logdir", str(tmp_path / "full")]))
     sample, calls = train.Replay.sample, [0]
     eval_calls = [0]
@@ -2050,6 +2052,153 @@ def test_context_encoder_learns_gravity_from_random_policy_data():
     # pooled random features of transitions already say something (R^2 ~0.6); training must cut the
     # unexplained variance at least fourfold (measured: 0.57 -> 0.95)
     assert trained >= 0.7 and (1 - trained) < (1 - untrained) / 4, (untrained, trained)
+
+
+# ----------------------------------------------------------------------------------------------------
+# temporal_consistency.py: SPC's latent temporal consistency L_TC as g's objective (--ctx.objective tc)
+# ----------------------------------------------------------------------------------------------------
+
+import torch.nn.functional as F  # noqa: E402
+
+import temporal_consistency  # noqa: E402
+
+
+def _tc_agent(integration="shallow", objective="tc"):
+    spaces = dali.Spaces(action=2, obs=8, image=None, context=2)
+    cfg = dali.AgentConfig(context="learned", integration=integration, **TINY_AGENT)
+    ctx_cfg = context_encoder.ContextEncoderConfig(window=4, units=16, heads=2, fd_units=16, objective=objective, tc_groups=4, tc_units=16)
+    return dali.Agent(cfg, TINY_RSSM, spaces, ctx_cfg)
+
+
+def _tc_model(seed=0, groups=3):
+    torch.manual_seed(seed)
+    model = temporal_consistency.TemporalConsistencyModel(obs=3, action=2, ctx=2, groups=groups, units=16)
+    with torch.no_grad():  # the target encoder apart from the online one, as after training
+        for p in model.target.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    return model
+
+
+def test_fsq_quantises_to_its_levels_and_passes_straight_through_gradients():
+    z = (3 * torch.randn(500, 4, 2)).requires_grad_()
+    codes, index = temporal_consistency.fsq(z)
+    assert set(codes[..., 0].unique().tolist()) == {-1.0, -0.5, 0.0, 0.5, 1.0}  # level 5
+    assert set(codes[..., 1].unique().tolist()) == {-1.0, 0.0, 1.0}  # level 3
+    half_l, half_width = torch.tensor([2.002, 1.001]), torch.tensor([2.0, 1.0])  # (level - 1)(1 + 1e-3) / 2, level // 2
+    bounded = torch.tanh(z.detach()) * half_l
+    assert torch.equal(codes.detach(), torch.round(bounded) / half_width)  # the nearest level of the bounded value
+    assert torch.equal(temporal_consistency.fsq_codebook()[index], codes.detach())  # index i is codebook row i
+    assert index.min() == 0 and index.max() == 14
+    w = torch.randn_like(z)
+    (codes * w).sum().backward()  # straight-through: the gradient of the bounded value, as if unrounded
+    torch.testing.assert_close(z.grad, w * half_l * (1 - torch.tanh(z.detach()) ** 2) / half_width)
+
+
+def test_temporal_consistency_loss_equals_spc_written_out(monkeypatch):
+    """L_TC = 1/H sum_k rho^(k-1) CE(d(c^_{t+k-1}, a_{t+k-1}, ctx_t), index(FSQ(e_bar(o_{t+k})))), c^_t = FSQ(e(o_t)),
+    written out per rollout, with the sampled codes made deterministic (argmax) so that both agree."""
+    monkeypatch.setattr(temporal_consistency, "straight_through_sample", lambda logits: F.one_hot(logits.argmax(-1), logits.shape[-1]).float())
+    model, G = _tc_model(), 3
+    B, N, H, rho = 2, 6, 3, 0.9
+    g = torch.Generator().manual_seed(1)
+    obs, action, ctx = torch.randn(B, N + 1, 3, generator=g), torch.randn(B, N, 2, generator=g), torch.randn(B, N, 2, generator=g)
+    loss = temporal_consistency.temporal_consistency_loss(model, obs, action, ctx, torch.ones(B, N, dtype=torch.bool), H, rho)
+    codebook = temporal_consistency.fsq_codebook()
+    for b in range(B):
+        for j in range(N):
+            code, total = temporal_consistency.fsq(model.encoder(layers.symlog(obs[b, j])).view(G, 2))[0].flatten(), 0.0
+            for k in range(1, min(H, N - j) + 1):  # targets beyond the segment's end do not count
+                logits = model.transition(torch.cat([code, action[b, j + k - 1], ctx[b, j]])).view(G, -1)
+                target = temporal_consistency.fsq(model.target(layers.symlog(obs[b, j + k])).view(G, 2))[1]  # the EMA encoder's
+                total = total + rho ** (k - 1) * F.cross_entropy(logits, target)
+                code = codebook[logits.argmax(-1)].flatten()
+            torch.testing.assert_close(loss[b, j], total / H)
+
+
+def test_episode_starts_mask_the_temporal_consistency_loss():
+    model = _tc_model()
+    B, N, H = 2, 9, 4
+    g = torch.Generator().manual_seed(2)
+    obs, action, ctx = torch.randn(B, N + 1, 3, generator=g), torch.randn(B, N, 2, generator=g), torch.randn(B, N, 2, generator=g)
+    changed_obs, changed_action = obs.clone(), action.clone()
+    changed_obs[:, 4:] += 3.0  # o_4 onwards, and a_3 onwards (a_3 is taken at o_3 and leads to o_4)
+    changed_action[:, 3:] += 1.0
+    split = torch.ones(B, N, dtype=torch.bool)
+    split[:, 3] = False  # o_4 starts a new episode
+
+    def loss(o, a, valid):
+        torch.manual_seed(0)  # the same sampled codes in every call
+        return temporal_consistency.temporal_consistency_loss(model, o, a, ctx, valid, H, 0.99)
+
+    before, after = loss(obs, action, split), loss(changed_obs, changed_action, split)
+    assert torch.equal(before[:, :3], after[:, :3])  # rollouts from o_0 .. o_2 stop at o_3, however long H is
+    assert (before[:, :3] > 0).all() and (before[:, 3] == 0).all()  # a rollout from o_3 has no valid step
+    assert not torch.equal(before[:, 4:], after[:, 4:])
+    whole = torch.ones(B, N, dtype=torch.bool)  # without the episode start the change reaches the earlier rollouts
+    assert not torch.equal(loss(obs, action, whole)[:, :3], loss(changed_obs, changed_action, whole)[:, :3])
+
+
+@pytest.mark.parametrize("integration", ["shallow", "deep"])
+def test_temporal_consistency_trains_exactly_g_and_its_own_model(integration):
+    torch.manual_seed(0)
+    fd_agent = _tc_agent(integration, objective="fd")
+    torch.manual_seed(0)
+    agent = _tc_agent(integration)
+    fd_state, state = fd_agent.state_dict(), agent.state_dict()
+    assert state.keys() - fd_state.keys() == {k for k in state if k.startswith("tc.")}  # one more model, built last:
+    assert all(torch.equal(v, state[k]) for k, v in fd_state.items())  # g, world model, actor-critic start as with L_FD
+    batch = _batch(T=8 + agent.context_prefix)
+    ctx, seq_ctx, pieces = agent.context(batch)
+    fd_ctx, fd_seq_ctx, _ = fd_agent.context(batch)
+    assert torch.equal(ctx, fd_ctx) and torch.equal(seq_ctx, fd_seq_ctx)  # ctx reaches the agent as with L_FD
+    # world-model and actor-critic losses reach neither g nor L_TC's model
+    trimmed = {k: v[:, agent.context_prefix :] for k, v in batch.items()}
+    losses, post = agent.wm.loss(trimmed, ctx, seq_ctx)
+    ac_losses, _ = agent.ac.loss(agent.wm, post, ctx, trimmed["is_terminal"])
+    (sum(v.mean() for v in losses.values()) + sum(v.mean() for v in ac_losses.values())).backward()
+    theirs = [*agent.ctx_encoder.parameters(), *agent.tc.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in theirs)
+    agent.zero_grad(set_to_none=True)
+    # L_TC reaches g and L_TC's encoder and transition model, nothing else (not f, not the target encoder)
+    P, x = agent.context_prefix, pieces["x"]
+    tc = temporal_consistency.temporal_consistency_loss(agent.tc, x[:, P:], batch["action"][:, P + 1 :], pieces["ctx"][:, P:-1], pieces["valid"][:, P:], 5, 0.99)
+    tc.mean().backward()
+    reached = {n for n, p in agent.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"ctx_encoder.embed.0.weight", "ctx_encoder.attention.in_proj_weight", "ctx_encoder.out.1.weight", "tc.encoder.0.0.weight", "tc.transition.0.0.weight", "tc.transition.2.weight"} <= reached
+    assert all(n.startswith(("ctx_encoder.", "tc.encoder.", "tc.transition.")) and not n.startswith("ctx_encoder.forward_model.") for n in reached), reached
+    # g's optimiser holds g (without f) and L_TC's encoder and transition model; the target encoder is in none
+    optimised = {id(p) for opt in agent.optimizers.values() for group in opt.param_groups for p in group["params"]}
+    in_ctx_opt = {n for n, p in agent.named_parameters() if id(p) in {id(q) for group in agent.ctx_opt.param_groups for q in group["params"]}}
+    assert in_ctx_opt == {n for n, _ in agent.named_parameters() if n.startswith(("ctx_encoder.", "tc.encoder.", "tc.transition.")) and not n.startswith("ctx_encoder.forward_model.")}
+    assert not any(id(p) in optimised or p.requires_grad for p in agent.tc.target.parameters())
+
+
+def test_the_target_encoder_moves_only_by_its_exponential_moving_average():
+    torch.manual_seed(0)
+    agent = _tc_agent()
+    tc = agent.tc
+    assert all(torch.equal(t, e) for t, e in zip(tc.target.parameters(), tc.encoder.parameters()))  # starts as a copy of e
+    g_before, f_before = agent.ctx_encoder.embed[0].weight.clone(), agent.ctx_encoder.forward_model[0][0].weight.clone()
+    for seed in range(2):
+        before = [p.clone() for p in tc.target.parameters()]
+        metrics = agent.update(_batch(T=8 + agent.context_prefix, seed=seed))
+        assert torch.isfinite(metrics["ctx/tc_loss"])
+        for old, new, online in zip(before, tc.target.parameters(), tc.encoder.parameters()):
+            torch.testing.assert_close(new, old + 0.005 * (online - old), rtol=0, atol=1e-7)  # e_bar <- e_bar + tau (e - e_bar)
+        assert any(not torch.equal(old, new) for old, new in zip(before, tc.target.parameters()))
+    assert not torch.equal(agent.ctx_encoder.embed[0].weight, g_before)  # the update trains g through L_TC
+    assert torch.equal(agent.ctx_encoder.forward_model[0][0].weight, f_before)  # and leaves f alone
+
+
+def test_a_checkpoint_of_one_context_objective_is_refused_by_the_other(tmp_path):
+    for trained, asked in (("tc", "fd"), ("fd", "tc")):
+        logdir = tmp_path / trained
+        train.main(train.cli([*TINY_FLAGS, "--steps", "1000", "--ctx.objective", trained, "--logdir", str(logdir)]))
+        assert any(k.startswith("tc.") for k in checkpoint.load_checkpoint(logdir)["agent"]) == (trained == "tc")
+        with pytest.raises(SystemExit, match=f"--ctx.objective: trained with '{trained}', this run asks '{asked}'"):
+            train.main(train.cli([*TINY_FLAGS, "--steps", "2000", "--ctx.objective", asked, "--logdir", str(logdir), "--resume"]))
+    with pytest.raises(SystemExit, match="--ctx.cross-weight 1.0 with --ctx.objective tc"):
+        train.main(train.cli([*TINY_FLAGS, "--ctx.objective", "tc", "--ctx.cross-weight", "1", "--logdir", str(tmp_path / "x")]))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -79,6 +79,10 @@ def check_args(args: Args) -> None:
         problems.append(f"--ctx.window {args.ctx.window}, --ctx.dim {args.ctx.dim}: both must be >= 1")
     if args.ctx.refresh < 0:
         problems.append(f"--ctx.refresh {args.ctx.refresh}: must be >= 0 (R steps a deep ctx is held; 0: per step)")
+    if args.ctx.objective == "tc" and args.ctx.cross_weight:
+        problems.append(f"--ctx.cross-weight {args.ctx.cross_weight} with --ctx.objective tc: L_cross is weighed against L_FD; use --ctx.objective fd")
+    if args.ctx.tc_horizon < 1 or args.ctx.tc_groups < 1 or not 0 < args.ctx.tc_tau <= 1:
+        problems.append(f"--ctx.tc-horizon {args.ctx.tc_horizon}, --ctx.tc-groups {args.ctx.tc_groups}: must be >= 1; --ctx.tc-tau {args.ctx.tc_tau}: must be in (0, 1]")
     if args.threads < 0:
         problems.append(f"--threads {args.threads}: must be >= 0 (0: one per core)")
     if args.prefill >= args.steps:

@@ -2,7 +2,7 @@
 
 For each task: collect random-policy episodes under the 100 training contexts of --setting (default
 `double_box`: both features vary; `single_0`: gravity alone); train the context encoder g by L_FD alone
-for a fixed time per window length K; fit probes from ctx_t to the true normalised context on training
+for a fixed time per window length K (`--objectives tc` or `none`: by SPC's L_TC, or not at all); fit probes from ctx_t to the true normalised context on training
 episodes and report R^2 on held-out episodes (linear probe, and a small MLP probe beside it). Next to it,
 the same probes on the deterministic RSSM state h_t of a DreamerV3 world model trained for the same time
 on the same data (h_t sees the whole episode so far).
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
 from probes import linear_r2, random_rollouts  # noqa: E402
 from context_encoder import ContextEncoder, ContextEncoderConfig, forward_dynamics_loss  # noqa: E402
+from temporal_consistency import TemporalConsistencyModel, temporal_consistency_loss  # noqa: E402
 from rssm import RSSMConfig  # noqa: E402
 from world_model import Spaces, WorldModel, WorldModelConfig  # noqa: E402
 
@@ -58,6 +59,9 @@ class Args:
     """torch threads."""
     seed: int = 0
     """Seed of contexts, envs and training."""
+    objectives: tuple[str, ...] = ("fd",)
+    """What trains g in the K rows: fd (L_FD, DALI), tc (L_TC, SPC's latent temporal consistency with the
+    `--ctx.objective tc` defaults), none (g at its initial weights, the baseline a trained g must beat)."""
     setting: str = "double_box"
     """Training contexts the episodes are drawn from (envs.train_contexts); a feature held at its default
     gets no R^2 ("-")."""
@@ -84,23 +88,33 @@ def probe(features: torch.Tensor, ctx_true: torch.Tensor, n_train: int):
     return linear_r2(*(a.double().numpy() for a in (xtr, ytr, xte, yte))).tolist(), r2_mlp(xtr, ytr, xte, yte)
 
 
-def train_encoder(K, obs, actions, n_train, probe_steps, seconds, ctx_true=None):
-    """Train g (and f) by L_FD for `seconds`; with `ctx_true` (E, F), train g instead to regress the true
-    context in its first F dims (the supervised ceiling). Returns ctx at the probe steps (E, P, X)."""
+def train_encoder(K, obs, actions, n_train, probe_steps, seconds, ctx_true=None, objective="fd"):
+    """Train g (and f) by L_FD for `seconds` (objective tc: g and L_TC's model by L_TC; none: not at all); with
+    `ctx_true` (E, F), train g instead to regress the true context in its first F dims (the supervised
+    ceiling). Returns ctx at the probe steps (E, P, X)."""
     L = K + 32
-    enc = ContextEncoder(ContextEncoderConfig(window=K), obs.shape[-1], actions.shape[-1])
-    opt = torch.optim.Adam(enc.parameters(), enc.cfg.lr)
-    S, start, its = obs.shape[1] - 1, time.time(), 0
-    while time.time() - start < seconds:
+    cfg = ContextEncoderConfig(window=K)
+    enc = ContextEncoder(cfg, obs.shape[-1], actions.shape[-1])
+    params = list(enc.parameters())
+    if objective == "tc":
+        tc = TemporalConsistencyModel(obs.shape[-1], actions.shape[-1], cfg.dim, cfg.tc_groups, cfg.tc_units)
+        params = [p for n, p in enc.named_parameters() if not n.startswith("forward_model.")] + [p for p in tc.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, enc.cfg.lr)
+    S, start, its, loss = obs.shape[1] - 1, time.time(), 0, torch.tensor(float("nan"))
+    while objective != "none" and time.time() - start < seconds:
         idx = torch.randint(0, n_train, (32,))
         steps = torch.randint(0, S + 1 - L, (32,))[:, None] + torch.arange(L)
         o, a = obs[idx[:, None], steps], actions[idx[:, None], steps]
         ctx, valid = enc.segment(o, a, torch.zeros(32, L, dtype=torch.bool))
-        if ctx_true is None:
-            loss = forward_dynamics_loss(enc, o[:, :-1], o[:, 1:], a[:, 1:], ctx[:, :-1], valid).mean()
-        else:  # full windows only: the last L - K steps
+        if ctx_true is not None:  # full windows only: the last L - K steps
             loss = ((ctx[:, K:, : ctx_true.shape[1]] - ctx_true[idx, None]) ** 2).mean()
+        elif objective == "tc":  # rollouts from the steps with full windows, as train.py's batches
+            loss = temporal_consistency_loss(tc, o[:, K:], a[:, K + 1 :], ctx[:, K:-1], valid[:, K:], cfg.tc_horizon, cfg.tc_rho).mean()
+        else:
+            loss = forward_dynamics_loss(enc, o[:, :-1], o[:, 1:], a[:, 1:], ctx[:, :-1], valid).mean()
         opt.zero_grad(), loss.backward(), opt.step()
+        if objective == "tc":
+            tc.update_target(cfg.tc_tau)
         its += 1
     with torch.no_grad():
         zeros = torch.zeros(len(obs), K + 1, dtype=torch.bool)
@@ -159,10 +173,14 @@ def main(args: Args) -> None:
         n_train = args.episodes * 3 // 4
         probe_steps = range(args.probe_from or max(args.windows) + 1, args.steps + 1, args.probe_every)
         for K in args.windows:
-            ctx, its, fd = train_encoder(K, obs, actions, n_train, probe_steps, args.seconds)
-            lin, mlp = probe(ctx, ctx_true, n_train)
-            rows.append((f"{task} ({names[0]}, {names[1]})", f"ctx, K={K}", its, lin, mlp))
-            print(task, K, its, f"fd {fd:.4f}", lin, mlp, flush=True)
+            for objective in args.objectives:
+                if len(args.objectives) > 1:
+                    torch.manual_seed(args.seed)  # the same initial g for every objective
+                ctx, its, loss = train_encoder(K, obs, actions, n_train, probe_steps, args.seconds, objective=objective)
+                lin, mlp = probe(ctx, ctx_true, n_train)
+                what = f"ctx, K={K}" + ("" if args.objectives == ("fd",) else f", g trained by {objective}")
+                rows.append((f"{task} ({names[0]}, {names[1]})", what, its, lin, mlp))
+                print(task, K, objective, its, f"loss {loss:.4f}", lin, mlp, flush=True)
         if args.ceiling:
             K = max(args.windows)
             ctx, its, _ = train_encoder(K, obs, actions, n_train, probe_steps, args.seconds, ctx_true)

@@ -25,7 +25,9 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# (file, exact text, replacement, what the error is). The text must occur exactly once in the file.
+# The tests of L_TC (--ctx.objective tc), which its errors run instead of RECIPE_TESTS (they are among those too).
+TC_TESTS = "fsq or spc_written or mask_the_temporal or exactly_g_and or moves_only_by"
+# (file, exact text, replacement, what the error is[, the tests to run]). The text must occur exactly once in the file.
 ERRORS = [
     ("actor_critic.py", "    return -weight * ((ret - value) / scale + eta * entropy)", "    return weight * ((ret - value) / scale + eta * entropy)", "actor loss sign flipped"),
     ("actor_critic.py", "            return clip_action(dist.rsample())", "            return clip_action(dist.rsample().detach())", "dynamics gradient cut (rsample().detach())"),
@@ -109,6 +111,15 @@ ERRORS = [
      "DALI-D batches hold K history records (sequence ctx of the first step pools K - 1)"),
     ("dali.py", "        self.ctx_post = X if (learned and cfg.integration == \"shallow\") else 0  # DALI-S",
      "        self.ctx_post = X if learned else 0  # DALI-S", "DALI-D posterior reads ctx_t too"),
+    # L_TC (--ctx.objective tc, temporal_consistency.py)
+    ("temporal_consistency.py", "        return self._quantise(self.target, obs)[1]", "        return self._quantise(self.encoder, obs)[1]", "L_TC targets from the online encoder, not the EMA target", TC_TESTS),
+    ("temporal_consistency.py", "        logits = self.transition(torch.cat([code, action, ctx], -1))", "        logits = self.transition(torch.cat([code, action, torch.zeros_like(ctx)], -1))", "L_TC transition model reads no ctx", TC_TESTS),
+    ("temporal_consistency.py", "    rounded = bounded + (torch.round(bounded) - bounded).detach()", "    rounded = torch.round(bounded)", "FSQ without straight-through gradient", TC_TESTS),
+    ("temporal_consistency.py", "        mask = mask & valid[:, k - 1 : k - 1 + N]", "        mask = valid[:, k - 1 : k - 1 + N]", "L_TC mask per step, not cumulative over the rollout", TC_TESTS),
+    ("temporal_consistency.py", "            target.lerp_(online, tau)", "            target.copy_(online)", "L_TC target encoder copied, not an EMA", TC_TESTS),
+    ("temporal_consistency.py", "        loss = loss + rho ** (k - 1) * mask", "        loss = loss + rho**k * mask", "L_TC step k weighted rho^k", TC_TESTS),
+    ("temporal_consistency.py", "        logits, code = model.step(code, action[:, k - 1 : k - 1 + N], ctx", "        logits, code = model.step(code, action[:, k : k + N], ctx", "L_TC rollout step k reads a_{t+k}", TC_TESTS),
+    ("dali.py", "ctx[:, P:-1], valid, self.ctx_cfg.tc_horizon", "ctx[:, P:-1].detach(), valid, self.ctx_cfg.tc_horizon", "L_TC does not reach g (ctx detached)", TC_TESTS),
 ]
 # Errors in the run machinery (checkpoints, signals, logs, envs, evaluation), each with the tests that guard it.
 MACHINERY = [
@@ -147,7 +158,7 @@ RECIPE_TESTS = (
     "or slow_critic or deep_prior or fresh_window or cross_modal or hidden_dynamics or pixel_agent_trains or lambda_return "
     "or kl_free_bits or fast_observe or rssm_shapes or update_changes or context_is_causal or encode_last or acting_window "
     "or only_the_forward_dynamics or context_unaware or checkpoint_round_trip or head_targets or actor_distribution "
-    "or first_training_step or version_1 or wiring"
+    "or first_training_step or version_1 or wiring or fsq or spc_written or mask_the_temporal or exactly_g_and or moves_only_by"
 )
 
 
