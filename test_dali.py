@@ -1632,8 +1632,9 @@ def test_bad_flags_fail_before_anything_is_written(tmp_path):
     cases = [
         (["--threads", "-1"], "--threads -1: must be >= 0"),
         (["--prefill", "5000", "--steps", "4000"], "--prefill 5000 >= --steps 4000"),
-        # 29 // 2 envs = 14 records per env: T = 8 + K = 6 for DALI-S, but DALI-D samples K + 1 = 7 of history
-        (["--replay-capacity", "29", "--integration", "deep"], r"--replay-capacity 29: must hold --batch-length \+ 7 history records per env"),
+        # 29 // 2 envs = 14 records per env: T = 8 + K = 6 for DALI-S, but DALI-D samples K + R = 6 + 4 of history
+        (["--replay-capacity", "29", "--integration", "deep"], r"--replay-capacity 29: must hold --batch-length \+ 10 history records per env"),
+        (["--ctx.refresh", "-1", "--integration", "deep"], r"--ctx.refresh -1: must be >= 0"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: this torch build or machine has no CUDA device"))
