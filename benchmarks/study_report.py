@@ -45,8 +45,9 @@ from results import REGIMES, read_results  # noqa: E402
 class Args:
     studies: tyro.conf.Positional[tuple[str, ...]]
     """sweep.py study directories (each with study.json and one directory per run)."""
-    reference: str = "docs/results/reference_single_0.json"
-    """evaluate.py reference file for the per-context normalisation."""
+    reference: str = ""
+    """evaluate.py reference file for the per-context normalisation (default: docs/results/reference_<setting>.json
+    of the studies' setting)."""
     out: str = "docs/results/bic_gravity"
     """Output folder."""
     reps: int = 2000
@@ -176,7 +177,8 @@ def main(args: Args) -> None:
     table = context_table(files)
     (out / "contexts.md").write_text(table)
     print(table)
-    for name, extra in (("zeroshot_R1000", []), ("zeroshot_per_context", ["--reference", args.reference])):
+    reference = args.reference or f"docs/results/reference_{json.loads(files[0].read_text().splitlines()[0])['setting']}.json"
+    for name, extra in (("zeroshot_R1000", []), ("zeroshot_per_context", ["--reference", reference])):
         cmd = [sys.executable, str(REPO / "evaluate.py"), "aggregate", *map(str, files), "--out", str(out / name), "--reps", str(args.reps), *extra]
         text = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO).stdout
         (out / f"{name}.txt").write_text(text)
