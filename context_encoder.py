@@ -13,7 +13,7 @@ window's tokens; MLP; LayerNorm; linear -> ctx. With one layer the CLS output de
 through that attention, so the window of *every* step t -- tokens t-K .. t-1 of t's own episode, never o_{t+1}
 or the previous episode -- is one row of a *banded, causal* attention mask, and all ctx_t of a replayed
 segment come out of one pass. Acting runs the same function over a per-env buffer of the last K tokens
-(`ContextWindow`). Short windows are masked, not zero-padded; with no transition yet, ctx_t is a learned
+(`context_window.ContextWindow`). Short windows are masked, not zero-padded; with no transition yet, ctx_t is a learned
 "no evidence yet" vector.
 
 Why CLS pooling and not the output at the newest token: that output carries the newest transition itself
@@ -189,52 +189,3 @@ def forward_dynamics_loss(encoder: ContextEncoder, obs, next_obs, action, ctx, v
     target = symlog(next_obs) if encoder.features else next_obs.detach()
     error = ((encoder.predict_next(obs, action, ctx) - target) ** 2).sum(-1)
     return error * valid.to(error.dtype)
-
-
-class ContextWindow:
-    """Acting-time window: the last K tokens of each env's current episode, emptied at is_first. With
-    `refresh` R > 0 (deep integration) it also counts each env's step n in its episode and holds the ctx
-    that the deep path reads between refresh steps (`hold`)."""
-
-    def __init__(self, encoder: ContextEncoder, n: int, device, refresh: int = 0):
-        K, D = encoder.cfg.window, encoder.token_size
-        self.encoder, self.refresh = encoder, refresh
-        self.tokens = torch.zeros(n, K, D, device=device)  # transition tokens, oldest first
-        self.valid = torch.zeros(n, K, dtype=torch.bool, device=device)
-        self.prev_obs: torch.Tensor | None = None  # o_{t-1}
-        self.ctx: torch.Tensor | None = None  # the latest ctx returned, (N, X)
-        self.step = torch.zeros(n, dtype=torch.long, device=device)  # n: step of the newest o in its episode
-        self.held: torch.Tensor | None = None  # the ctx held since the last refresh step, (N, X)
-
-    def state_dict(self) -> dict:
-        """The window's contents (tensors or None), for a checkpoint taken mid-episode."""
-        state = {"tokens": self.tokens, "valid": self.valid, "prev_obs": self.prev_obs, "ctx": self.ctx}
-        return {**state, "step": self.step, "held": self.held} if self.refresh else state
-
-    def load_state_dict(self, state: dict) -> None:
-        device = self.tokens.device
-        self.tokens, self.valid = state["tokens"].to(device), state["valid"].to(device)
-        self.prev_obs, self.ctx = (None if state[k] is None else state[k].to(device) for k in ("prev_obs", "ctx"))
-        if self.refresh:
-            self.step, self.held = state["step"].to(device), None if state["held"] is None else state["held"].to(device)
-
-    def hold(self, ctx: torch.Tensor) -> torch.Tensor:
-        """The deep path's ctx at the newest step n: `ctx` (N, X), the sequence context of this step
-        (ctx_{n-1}; at n = 0 the empty ctx), taken where n is a multiple of R, else the value held before."""
-        refresh = (self.step % self.refresh == 0)[:, None]  # (N, 1)
-        self.held = ctx if self.held is None else torch.where(refresh, ctx, self.held)
-        return self.held
-
-    def update(self, obs: torch.Tensor, prev_action: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
-        """Add the transition (o_{t-1}, a_{t-1}, o_t) unless o_t starts an episode; return ctx_t (N, X).
-        A window that has seen no observation yet (a fresh window, e.g. when the policy takes over from
-        random prefill mid-episode) treats o_t as an episode start: it has no o_{t-1} to pair it with."""
-        if self.prev_obs is None:
-            self.prev_obs, is_first = obs, torch.ones_like(is_first)
-        self.step = torch.where(is_first, torch.zeros_like(self.step), self.step + 1)
-        token = transition_tokens(self.prev_obs, obs, prev_action, self.encoder.features)  # (N, D)
-        self.tokens = torch.cat([self.tokens[:, 1:], token[:, None]], 1)
-        self.valid = torch.cat([self.valid[:, 1:] & ~is_first[:, None], ~is_first[:, None]], 1)
-        self.prev_obs = obs
-        self.ctx = self.encoder.encode_last(self.tokens, self.valid)
-        return self.ctx

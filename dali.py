@@ -54,7 +54,8 @@ import torch
 import torch.nn as nn
 
 from actor_critic import ActorCritic, ActorCriticConfig
-from context_encoder import ContextEncoder, ContextEncoderConfig, ContextWindow, forward_dynamics_loss
+from context_encoder import ContextEncoder, ContextEncoderConfig, forward_dynamics_loss
+from context_window import ContextWindow
 from cross_modal import CrossModal, context_objective, cross_modal_context_loss
 from layers import require_finite
 from rssm import RSSMConfig

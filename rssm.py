@@ -10,7 +10,7 @@ straight-through gradients. The model state passed around is a dict {"deter": h,
 DALI (arXiv:2508.20294, Sec. 4.2) conditions the RSSM on a context vector ctx in two places, passed as
 arguments so the caller decides the integration: `ctx_seq` joins [z_{t-1}, a_{t-1}] at the sequence model
 input (deep integration) and `ctx_post` joins [h_t, embed_t] at the posterior input (shallow integration).
-The sequence model's context must not see o_t (the prior predicts it): the caller passes ctx_{t-1} there
+The sequence model's context must not see o_t (the prior predicts it): the caller passes a ctx pooled before o_t there
 (dali.sequence_context). With shallow integration the posterior reads ctx_t; with deep integration it
 reads none (as in the authors' configuration).
 

@@ -348,6 +348,7 @@ torch.set_num_threads(1)  # robust beside other jobs: spin-waiting threads colla
 
 import actor_critic  # noqa: E402
 import context_encoder  # noqa: E402
+import context_window  # noqa: E402
 import cross_modal  # noqa: E402
 import dali  # noqa: E402
 import layers  # noqa: E402
@@ -1065,7 +1066,7 @@ def test_per_step_deep_context_still_reads_ctx_t_minus_1_with_the_full_window_of
     episode = _batch(B=2, T=s + P + T)  # is_first only at record 0
     batch = {k: v[:, s : s + P + T] for k, v in episode.items()}
     _, seq_ctx, pieces = agent.context(batch)
-    window = context_encoder.ContextWindow(agent.ctx_encoder, 2, "cpu")
+    window = context_window.ContextWindow(agent.ctx_encoder, 2, "cpu")
     for t in range(s + P):  # act up to the record before the first training step, s + P
         acted = window.update(episode["obs"][:, t], episode["action"][:, t], episode["is_first"][:, t])
     assert (window.valid.sum(-1) == K).all()
@@ -1096,7 +1097,7 @@ def test_a_fresh_window_treats_its_first_step_as_an_episode_start():
     """The policy takes over from random prefill mid-episode with an empty window: no transition (o_t, 0, o_t)
     may be fabricated from the missing previous observation."""
     enc = _encoder(K=4)
-    window = context_encoder.ContextWindow(enc, 2, "cpu")
+    window = context_window.ContextWindow(enc, 2, "cpu")
     o0, o1 = torch.randn(2, 3), torch.randn(2, 3)
     ctx0 = window.update(o0, torch.zeros(2, 2), torch.zeros(2, dtype=torch.bool))  # mid-episode, first call
     assert not window.valid.any()
@@ -1958,7 +1959,7 @@ def test_acting_window_equals_training_segment():
     is_first[:, 0] = True
     is_first[0, 6] = is_first[1, 9] = True
     ctx, _ = enc.segment(obs, action, is_first)
-    window = context_encoder.ContextWindow(enc, 2, "cpu")
+    window = context_window.ContextWindow(enc, 2, "cpu")
     for t in range(L):
         acted = window.update(obs[:, t], action[:, t], is_first[:, t])
         torch.testing.assert_close(acted, ctx[:, t], rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ clipping trains it (App. B). `imagine` rolls the prior forward under a policy fo
 DALI (Röder et al., arXiv:2508.20294, Sec. 4.2) feeds a context vector ctx in; where it goes is chosen by
 the caller (dali.py's Agent) through three sizes: `ctx_enc` (cRSSM-S: the true context joins the encoder's
 input and the decoder reconstructs it), `ctx_post` (DALI-S: ctx_t joins the posterior's input) and
-`ctx_deep` (DALI-D, cRSSM-D: ctx_{t-1} joins the sequence model's input, and ctx_t is appended to s_t, so
+`ctx_deep` (DALI-D, cRSSM-D: the deep ctx (dali.py: a held value for DALI-D) joins the sequence model's input and s_t, so
 that decoder, heads, actor and critic read it). A context-unaware world model (Dreamer-DR) takes none.
 With DALI-chi (`cross_scale` > 0) the loss gains L_cross's state term, which pulls [h_t; z_t] towards a
 fixed linear image of the stop-gradiented ctx_t (cross_modal.cross_modal_state_loss).
