@@ -5,7 +5,8 @@ writes, under --out:
 
     runs/<method>_s<seed>.jsonl    each finished run's zero-shot results (evaluate.py run), copied
     curves.json                    each run's evaluation return against env steps, its updates and hours
-    cost.md                        a table: env steps, updates, wall-clock hours and updates/hour per run
+    cost.md                        a table: env steps, updates, wall-clock hours and updates/hour per run, and
+                                   when its mean imagined reward first exceeded 0.05 and 0.2 (REWARD_FOUND)
     contexts.md                    each finished run's mean zero-shot return per regime and per grid context
     learning_curves.png            evaluation return against env steps, one line per run
     zeroshot_R1000.{json,txt,png}, zeroshot_R1000_contexts.png         scores R / 1000
@@ -75,14 +76,22 @@ def run_label(run: Path) -> str:
     return f"{method_name(agent['context'], agent['integration'], args['ctx']['cross_weight'])}_s{args['seed']}"
 
 
+REWARD_FOUND = (0.05, 0.2)
+"""Levels of the mean imagined reward per step (actor_critic's `ac/imag_reward`) whose first crossing dates when a
+run found the catch in imagination and when it exploited it (docs/results.md, stage 3)."""
+
+
 def curve(run: Path) -> dict:
-    """Evaluation returns, updates and hours of a run, from its metrics.jsonl."""
+    """Evaluation returns, updates and hours of a run, and the first logged env step at which its mean imagined
+    reward exceeded each REWARD_FOUND level (None: not yet), from its metrics.jsonl."""
     rows = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [(r["step"], r["eval/return"]) for r in rows if "eval/return" in r]
     last = [r for r in rows if "perf/updates" in r][-1] if rows else {}
+    found = {f"{level:g}": next((r["step"] for r in rows if r.get("ac/imag_reward", 0.0) > level), None) for level in REWARD_FOUND}
     return {
         "steps": [s for s, _ in evals], "return": [v for _, v in evals], "env_steps": rows[-1]["step"] if rows else 0,
         "updates": int(last.get("perf/updates", 0)), "hours": float(last.get("perf/hours", 0.0)), "done": (run / "done").exists(),
+        "imag_reward_above": found,
     }  # fmt: skip
 
 
@@ -163,10 +172,12 @@ def main(args: Args) -> None:
             files.append(out / "runs" / f"{label}.jsonl")
             shutil.copyfile(results, files[-1])
     (out / "curves.json").write_text(json.dumps(curves, indent=1))
-    lines = ["| run | env steps | updates | hours | updates per hour | status |", "|---|---|---|---|---|---|"]
+    levels = " / ".join(f"{v:g}" for v in REWARD_FOUND)
+    lines = [f"| run | env steps | updates | hours | updates per hour | status | imagined reward first above {levels} at |", "|---|---|---|---|---|---|---|"]
     for name, c in curves.items():
         rate = c["updates"] / c["hours"] if c["hours"] else 0
-        lines.append(f"| {name} | {c['env_steps']:,} | {c['updates']:,} | {c['hours']:.2f} | {rate:,.0f} | {'done' if c['done'] else 'training'} |")
+        found = " / ".join("-" if c["imag_reward_above"][f"{v:g}"] is None else f"{c['imag_reward_above'][f'{v:g}'] / 1000:g}k" for v in REWARD_FOUND)
+        lines.append(f"| {name} | {c['env_steps']:,} | {c['updates']:,} | {c['hours']:.2f} | {rate:,.0f} | {'done' if c['done'] else 'training'} | {found} |")
     (out / "cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     study_learning_curves(curves, str(out / "learning_curves.png"))
