@@ -150,12 +150,13 @@ def check_study(study: Study, how: Executor) -> None:
 
 def check_train_flags(study: Study, threads: int) -> None:
     """Parse each method's train.py command line as train.py would, so a typo fails before any launch."""
-    import train  # here: it imports torch, which `status` and `aggregate` never need
+    import config  # here: it imports torch, which `status` and `aggregate` never need
+    import train
 
     for method in study.methods:
         argv = RunSpec(study, method, study.seeds[0]).train_command(threads, resume=False)[1:]
         try:
-            train.check_args(train.cli(argv))
+            config.check_args(train.cli(argv))
         except SystemExit as e:
             raise SystemExit(f"{e.code if isinstance(e.code, str) else ''}\nerror: train.py rejects the flags of {method}: "
                              f"--train-flags {study.train_flags!r}") from None  # fmt: skip

@@ -354,6 +354,7 @@ import dali  # noqa: E402
 import layers  # noqa: E402
 import rssm  # noqa: E402
 import checkpoint  # noqa: E402
+import config  # noqa: E402
 import train  # noqa: E402
 
 TINY_RSSM = rssm.RSSMConfig(deter=32, hidden=32, stoch=4, classes=4)
@@ -1041,13 +1042,13 @@ def test_a_held_deep_context_never_reads_an_observation_of_its_interval():
 def test_configurations_saved_before_the_held_context_keep_what_they_trained_with():
     """Args saved without --ctx.refresh load as the code that wrote them trained: a learned deep agent per
     step (0), any other agent with today's default (it does not read it), so that its resume is not refused."""
-    saved = dataclasses.asdict(checkpoint.preset("cpu", "ball_in_cup"))
+    saved = dataclasses.asdict(config.preset("cpu", "ball_in_cup"))
     for context, integration, refresh in [("learned", "deep", 0), ("learned", "shallow", 16), ("oracle", "deep", 16), ("none", "shallow", 16)]:
         old = {**saved, "agent": {**saved["agent"], "context": context, "integration": integration}}
         old["ctx"] = {k: v for k, v in old["ctx"].items() if k != "refresh"}
-        args = checkpoint.args_from_dict(old)
+        args = config.args_from_dict(old)
         assert args.ctx.refresh == refresh, (context, integration)
-        assert checkpoint.config_conflicts(checkpoint.migrate_args(old), dataclasses.asdict(args)) == []
+        assert config.config_conflicts(config.migrate_args(old), dataclasses.asdict(args)) == []
 
 
 def test_per_step_deep_context_still_reads_ctx_t_minus_1_with_the_full_window_of_acting():
@@ -1248,7 +1249,7 @@ def test_replay_records_replay_the_real_episodes(tmp_path):
     the random-prefill-to-policy handover, the final observation of an episode and the next reset."""
     train.main(train.cli([*TINY_FLAGS, "--steps", "4000", "--contexts", "single_0", "--logdir", str(tmp_path)]))
     ckpt = checkpoint.load_checkpoint(tmp_path / "ckpt.pt")
-    args = checkpoint.args_from_dict(ckpt["args"])
+    args = config.args_from_dict(ckpt["args"])
     data = {k: v.numpy() for k, v in ckpt["replay"]["data"].items()}
     contexts = envs.train_contexts(args.task, args.contexts, args.num_contexts, args.seed)
     episode = envs.EPISODE_STEPS // args.action_repeat + 1  # records per episode: the first + one per step
@@ -1424,7 +1425,7 @@ def test_train_cli_end_to_end_writes_metrics_and_checkpoint(tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*"))
     ckpt = checkpoint.load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["counters"]["env_steps"] == 4000 and ckpt["counters"]["updates"] > 0
-    args = checkpoint.args_from_dict(json.loads((tmp_path / "args.json").read_text()))
+    args = config.args_from_dict(json.loads((tmp_path / "args.json").read_text()))
     assert args.agent.context == "oracle" and args.rssm.deter == 32
     env = envs.make_env(args.task)
     checkpoint.build_agent(args, env).load_state_dict(ckpt["agent"])  # saved args rebuild the agent
@@ -1495,7 +1496,7 @@ def test_size_s_has_dreamerv3_s_parameter_count_on_walker_features():
     assert (cpu.hidden, cpu.layers, cpu.enc_dec_hidden, cpu.enc_dec_layers) == (128, 1, None, None)
     assert count(checkpoint.build_agent(train.cli(["--context", "none"]), envs.make_env("walker"))) == 881_827
     with pytest.raises(SystemExit, match="--enc-dec-layers 0: must be >= 1"):
-        train.check_args(train.cli(["--size", "s", "--enc-dec-layers", "0"]))
+        config.check_args(train.cli(["--size", "s", "--enc-dec-layers", "0"]))
 
 
 def test_resume_reproduces_uninterrupted_training(tmp_path):

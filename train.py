@@ -21,7 +21,7 @@ A periodic evaluation in progress is abandoned at its next step, its random stre
 first thing on resume. A second signal exits at once, keeping the last checkpoint; it counts as second
 even when it arrives while the first one's handler has not run yet (StopRequest), though two signals sent
 so close together that the kernel merges them arrive as one. `--resume` takes the run's own configuration from its
-logdir: only the flags in checkpoint.RESUMABLE (steps, threads, logging, evaluation, device) may change.
+logdir: only the flags in config.RESUMABLE (steps, threads, logging, evaluation, device) may change.
 One train.py works in a logdir at a time: it holds logdir/train.lock (dir_lock.py) while it runs, and a
 second one on the same logdir exits at once, naming the holder.
 """
@@ -45,8 +45,9 @@ from tqdm import tqdm
 import code_version
 import dir_lock
 import envs
-from checkpoint import CHECKPOINT_VERSION, SIZES, Args, build_agent, load_checkpoint, peek, plain_numpy_state, preset, resolve_device, save_checkpoint, saved_args
-from dali import context_prefix, holds_context
+from checkpoint import CHECKPOINT_VERSION, build_agent, load_checkpoint, plain_numpy_state, resolve_device, save_checkpoint, saved_args
+from config import SIZES, Args, check_args, peek, preset
+from dali import holds_context
 from layers import require_finite
 from rollout import Interrupted, episode_returns
 from replay import Replay
@@ -57,39 +58,6 @@ from vector_env import VectorEnv
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
-
-
-def check_args(args: Args) -> None:
-    """Reject flag combinations that cannot work, naming the bad value."""
-    problems = []
-    if args.contexts == "default" and args.agent.context == "oracle":
-        problems.append("--context oracle with --contexts default: the true context never changes, so it carries no information")
-    for name in ("steps", "envs", "batch_size", "batch_length", "action_repeat", "replay_capacity"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
-    for name in ("enc_dec_hidden", "enc_dec_layers"):
-        if getattr(args.agent, name) is not None and getattr(args.agent, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} {getattr(args.agent, name)}: must be >= 1 (or None: as --{name.split('_')[-1]})")
-    if args.train_ratio <= 0:
-        problems.append(f"--train-ratio {args.train_ratio}: must be > 0")
-    prefix = context_prefix(args.agent, args.ctx)  # history records before the T training steps of a batch
-    if args.replay_capacity // args.envs < args.batch_length + prefix:
-        problems.append(f"--replay-capacity {args.replay_capacity}: must hold --batch-length + {prefix} history records per env "
-                        f"(--ctx.window, + --ctx.refresh with --integration deep; 0 without a learned context)")  # fmt: skip
-    if args.ctx.window < 1 or args.ctx.dim < 1:
-        problems.append(f"--ctx.window {args.ctx.window}, --ctx.dim {args.ctx.dim}: both must be >= 1")
-    if args.ctx.refresh < 0:
-        problems.append(f"--ctx.refresh {args.ctx.refresh}: must be >= 0 (R steps a deep ctx is held; 0: per step)")
-    if args.ctx.objective == "tc" and args.ctx.cross_weight:
-        problems.append(f"--ctx.cross-weight {args.ctx.cross_weight} with --ctx.objective tc: L_cross is weighed against L_FD; use --ctx.objective fd")
-    if args.ctx.tc_horizon < 1 or args.ctx.tc_groups < 1 or not 0 < args.ctx.tc_tau <= 1:
-        problems.append(f"--ctx.tc-horizon {args.ctx.tc_horizon}, --ctx.tc-groups {args.ctx.tc_groups}: must be >= 1; --ctx.tc-tau {args.ctx.tc_tau}: must be in (0, 1]")
-    if args.threads < 0:
-        problems.append(f"--threads {args.threads}: must be >= 0 (0: one per core)")
-    if args.prefill >= args.steps:
-        problems.append(f"--prefill {args.prefill} >= --steps {args.steps}: the agent would never be trained")
-    if problems:
-        raise SystemExit("error: " + "\n       ".join(problems))
 
 
 def checked_update(agent, batch: dict, update: int, env_steps: int, ckpt_path: Path) -> dict[str, torch.Tensor]:

@@ -128,7 +128,7 @@ MACHINERY = [
     ("checkpoint.py", "torch.load(path, map_location=\"cpu\", weights_only=True)", "torch.load(path, map_location=\"cpu\", weights_only=False)", "checkpoints loaded with pickle (weights_only off)", "pickled_callable"),
     ("run_log.py", "    if ckpt is None and logs:", "    if False:", "a fresh run appends to an old run's logs", "without_checkpoint or bad_checkpoints"),
     ("train.py", 'while not (c["env_steps"] >= args.steps and at_boundary) and not stop.signum:', 'while not (c["env_steps"] >= args.steps and at_boundary):', "a signal no longer stops training", "signal_saves"),
-    ("checkpoint.py", 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k)', 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k) and False', "resume accepts any changed flag", "lists_every_conflict or bad_checkpoints"),
+    ("config.py", 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k)', 'if k.split(".")[0] not in RESUMABLE and saved.get(k) != new.get(k) and False', "resume accepts any changed flag", "lists_every_conflict or bad_checkpoints"),
     ("envs.py", "        if self.context_in_obs:\n            out[", "        if True:\n            out[", "the true context leaks into the observation", "true_context_is_in_info or pixels_shape or gymnasium"),
     ("envs.py", "        if (action < self.action_low).any() or (action > self.action_high).any()", "        if False", "out-of-range actions pass silently", "gymnasium"),
     ("train.py", '"context": info["final_context_vector"][i], **(', '"context": info["context_vector"][i], **(', "an episode's last record gets the next episode's context", "replay_records"),
@@ -148,7 +148,7 @@ MACHINERY = [
      "a runner's death with the job's SIGTERM pending forwards a second SIGTERM", "supervisor_gives"),
     ("supervisor.py", "            if os.getppid() != supervisor or pending_in(supervisor) & GROUP_STOPS:", "            if os.getppid() != supervisor:",
      "a job stop that lands before the fork is lost: the child starts", "before_the_fork"),
-    ("checkpoint.py", "    ratio = TRAIN_RATIO.get((size, task), TRAIN_RATIO.get((size, None), Args.train_ratio))", "    ratio = TRAIN_RATIO.get((size, None), Args.train_ratio)",
+    ("config.py", "    ratio = TRAIN_RATIO.get((size, task), TRAIN_RATIO.get((size, None), Args.train_ratio))", "    ratio = TRAIN_RATIO.get((size, None), Args.train_ratio)",
      "walker's train ratio falls back to the preset's", "size_presets"),
 ]
 

@@ -38,6 +38,8 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402
 from vector_env import VectorEnv  # noqa: E402
+import checkpoint  # noqa: E402
+import config  # noqa: E402
 import train  # noqa: E402
 from dali import Agent  # noqa: E402
 
@@ -45,7 +47,7 @@ from dali import Agent  # noqa: E402
 @dataclass(frozen=True)
 class Args:
     sizes: tuple[str, ...] = ("cpu", "xs")
-    """Size presets to time (train.SIZES)."""
+    """Size presets to time (config.SIZES)."""
     obs: tuple[str, ...] = ("features", "pixels")
     """Inputs to time."""
     context: str = "learned"
@@ -156,9 +158,9 @@ def phases(agent: Agent, batch: dict) -> dict[str, float]:
     return t
 
 
-def build(size: str, obs: str, args: Args, flags: str = "") -> tuple[Agent, train.Args]:
+def build(size: str, obs: str, args: Args, flags: str = "") -> tuple[Agent, config.Args]:
     run = train.cli(["--size", size, "--task", args.task, "--obs", obs, "--context", args.context, *("--" + flag for flag in flags.split())])
-    return train.build_agent(run, envs.make_env(args.task, obs), "cpu"), run
+    return checkpoint.build_agent(run, envs.make_env(args.task, obs), "cpu"), run
 
 
 def count_ops(fn) -> int:
@@ -205,7 +207,7 @@ def time_update(size: str, obs: str, args: Args, peak: float, flags: str) -> dic
     return {"size": size, "obs": obs, "flags": flags, "run": run, "sec": sec, "flops": flops, "ops": ops, "params": params}
 
 
-def main_command_updates(run: train.Args, steps: int) -> int:
+def main_command_updates(run: config.Args, steps: int) -> int:
     """Updates train.py makes in `steps` env steps: policy steps after the prefill x ratio / (B x T), rounded up."""
     policy_steps = (steps - run.prefill) // run.action_repeat
     return math.ceil(policy_steps * run.train_ratio / (run.batch_size * run.batch_length))
