@@ -2673,8 +2673,8 @@ def test_each_shipped_agent_loads_and_does_what_it_is_shipped_for(path):
       850 for ball_in_cup_dali_s.pt, so this checks the agent, not its context path);
     - ctx_order: acting in each of several values of one context feature, the agent's own ctx_t (mean of
       ctx[dim] over the second half of `steps` steps, over the seeds) moves strictly monotonically with the
-      value, in the direction `sign` (the sign of the probe's correlation). This is the check of an agent
-      shipped for its dreams rather than its returns (ball_in_cup_dali_d.pt did not learn the task)."""
+      value, in the direction `sign` (the sign of the probe's correlation): the context path that the
+      agent's probes and dreams rely on."""
     import json
 
     from dreams import inferred_context
