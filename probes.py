@@ -40,8 +40,12 @@ def linear_r2(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_te
     w = np.linalg.lstsq(fit(x_train), y_train, rcond=None)[0]
     pred = fit(x_test) @ w
     total = ((y_test - y_test.mean(0)) ** 2).sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):  # nan for a column that does not vary
-        return np.where(total > 0, 1 - ((pred - y_test) ** 2).sum(0) / total, np.nan)
+    # nan for a column that does not vary (e.g. gravity at its default in single_1). Its range, not `total`,
+    # decides: the mean of equal float32 values can differ from them by rounding, leaving a tiny total that
+    # a probe matches as tinily, which read as R^2 = 1.0.
+    varies = y_test.max(0) > y_test.min(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(varies, 1 - ((pred - y_test) ** 2).sum(0) / total, np.nan)
 
 
 def probe_table(ctx: np.ndarray, true: np.ndarray, held_out: np.ndarray, names: list[str], inside: np.ndarray | None = None) -> dict:
@@ -71,7 +75,7 @@ def correlations(ctx: np.ndarray, true: np.ndarray, names: list[str]) -> tuple[n
     y = np.repeat(true[:, None], ctx.shape[1], 1).reshape(-1, true.shape[-1])
     with np.errstate(invalid="ignore", divide="ignore"):  # a constant feature has no correlation (nan)
         corr = np.corrcoef(ctx.reshape(-1, X).T, y.T)[:X, X:]
-    best = {n: int(np.nanargmax(np.abs(corr[:, f]))) for f, n in enumerate(names) if true[:, f].std() > 0}
+    best = {n: int(np.nanargmax(np.abs(corr[:, f]))) for f, n in enumerate(names) if true[:, f].max() > true[:, f].min()}  # varies: as linear_r2
     return corr, best
 
 

@@ -2814,6 +2814,20 @@ def test_probe_r2_is_scored_on_held_out_episodes_only():
     assert table["r2_linear"]["gravity"] < 0.3 and table["r2_linear_train_range"]["gravity"] < 0.3, table
 
 
+def test_probe_reports_no_r2_for_a_feature_that_does_not_vary():
+    """In single_1 gravity stays at its default: its probe R^2 is undefined (None, and no best dimension), not
+    1.0, however the float32 mean of the equal values rounds (it once read 1.0 for every single_1 agent)."""
+    rng = np.random.default_rng(0)
+    E, P = 20, 4
+    held_out = np.arange(E) % 2 == 1
+    length = rng.uniform(-1.0, 1.0, E).astype(np.float32)
+    true = np.stack([np.full(E, 0.3, np.float32), length], 1)  # gravity fixed (a value float32 cannot hold exactly)
+    ctx = (length[:, None, None] * rng.normal(size=(1, 1, 8)) + 0.1 * rng.normal(size=(E, P, 8))).astype(np.float32)
+    table = probes.probe_table(ctx, true, held_out, ["gravity", "distance"], np.ones(E, bool))
+    assert table["r2_linear"]["gravity"] is None and table["r2_linear_train_range"]["gravity"] is None, table
+    assert "gravity" not in table["best_dim"] and table["r2_linear"]["distance"] > 0.8, table
+
+
 def test_dream_gif_has_one_frame_per_step_with_real_and_counterfactuals_side_by_side(tmp_path):
     from PIL import Image
 
