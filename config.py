@@ -1,7 +1,8 @@
 """The configuration of a training run: train.py's `Args`, composed of the configs that live next to their code
 (`RSSMConfig` in rssm.py, `AgentConfig` in dali.py, `ContextEncoderConfig` in context_encoder.py), with
 DreamerV3's size presets (Hafner et al., arXiv:2301.04104, Table B.1, as its code ran them on proprioceptive
-DMC) and this project's train ratios; the checks that reject flag combinations that cannot work; and the
+DMC) and this project's train ratios; the paper's name of a configuration (`method_name`: Dreamer-DR, DALI-S,
+cRSSM-D, ...); the checks that reject flag combinations that cannot work; and the
 reading of configurations saved by older code (args.json, checkpoints), completed with what that code trained
 with, and compared field by field on --resume.
 
@@ -126,6 +127,14 @@ def peek(argv: list[str], flag: str, default: str) -> str:
         elif a.startswith(f"{flag}="):
             value = a.split("=", 1)[1]
     return value
+
+
+def method_name(context: str, integration: str, cross_weight: float = 0.0) -> str:
+    """The paper's name of a variant: Dreamer-DR, cRSSM-S/D, DALI-S/D (+chi with the cross-modal loss)."""
+    if context == "none":
+        return "Dreamer-DR"
+    name = {"oracle": "cRSSM", "learned": "DALI"}[context] + "-" + integration[0].upper()
+    return name + ("-chi" if context == "learned" and cross_weight else "")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -37,18 +37,11 @@ from tqdm import tqdm
 import envs
 import figures
 from checkpoint import checkpoint_path, export_agent, load_agent, resolve_device
+from config import method_name
 from dali import Agent
 from rollout import RandomPolicy, episode_returns
 from pooled import format_pooled, pool
 from results import MAX_RETURN, Reference, RunResult, aggregate, format_table, read_reference, read_results
-
-
-def method_name(context: str, integration: str, cross_weight: float = 0.0) -> str:
-    """The paper's name of a variant: Dreamer-DR, cRSSM-S/D, DALI-S/D (+chi with the cross-modal loss)."""
-    if context == "none":
-        return "Dreamer-DR"
-    name = {"oracle": "cRSSM", "learned": "DALI"}[context] + "-" + integration[0].upper()
-    return name + ("-chi" if context == "learned" and cross_weight else "")
 
 
 def evaluate_grid(

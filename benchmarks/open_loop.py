@@ -40,7 +40,7 @@ import envs  # noqa: E402
 from checkpoint import load_agent  # noqa: E402
 from counterfactual import OBS_NAMES  # noqa: E402
 from dreams import decode, deep_path_context, dream, inferred_context  # noqa: E402
-from evaluate import method_name  # noqa: E402
+from config import method_name  # noqa: E402
 from rollout import record  # noqa: E402
 
 

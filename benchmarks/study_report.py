@@ -37,7 +37,7 @@ import tyro
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from contexts import eval_contexts, varied_features  # noqa: E402
-from evaluate import method_name  # noqa: E402
+from config import method_name  # noqa: E402
 from figures import study_learning_curves  # noqa: E402
 from results import REGIMES, read_results  # noqa: E402
 
