@@ -13,9 +13,10 @@ writes, under --out:
     zeroshot_per_context.{json,txt,png}, zeroshot_per_context_contexts.png   (R - random_c) / (expert_c - random_c)
     probe_<method>_s<seed>.json, probes.md   what ctx knows: counterfactual.py probe of each finished
                                    learned-context run on its own policy data (made once, then kept)
-    dream_<method>_s<seed>.png, plausibility_<method>_s<seed>.{json,txt}   of each finished deep
-                                   learned-context run (DALI-D): a counterfactual dream and its physical
-                                   plausibility with 95% bootstrap CIs (made once, then kept)
+    dream_<method>_s<seed>[_<factor>].png   of each finished deep learned-context run (DALI-D): a
+                                   counterfactual dream per factor its setting varies (no suffix: gravity)
+    plausibility_<method>_s<seed>.{json,txt}   of each such run whose setting varies gravity: the dream's
+                                   physical plausibility with 95% bootstrap CIs (dreams and these made once, then kept)
 
 Runs still training appear in the curves and the cost table (marked), not in the aggregates. Run by hand:
 
@@ -117,10 +118,15 @@ def probes(runs: list[Path], out: Path, args: Args) -> None:
         path = out / f"probe_{label}.json"
         if not path.exists():
             counterfactual("probe", ckpt, "--episodes", str(args.probe_episodes), "--steps", str(args.probe_steps), "--out", str(path))
-        if train_args["agent"]["integration"] == "deep" and not (out / f"plausibility_{label}.json").exists():
-            counterfactual("dream", ckpt, "--out", str(out / f"dream_{label}"))
-            text = counterfactual("plausibility", ckpt, "--episodes", str(args.plausibility_episodes), "--out", str(out / f"plausibility_{label}.json"))
-            (out / f"plausibility_{label}.txt").write_text(text)
+        if train_args["agent"]["integration"] == "deep":
+            varied = varied_features(train_args["task"], train_args["contexts"])
+            for feature in varied:  # a dream per factor the run's setting varies; gravity keeps the plain name
+                prefix = out / (f"dream_{label}" if feature == "gravity" else f"dream_{label}_{feature}")
+                if not prefix.with_suffix(".png").exists():
+                    counterfactual("dream", ckpt, "--feature", feature, "--out", str(prefix))
+            if "gravity" in varied and not (out / f"plausibility_{label}.json").exists():  # plausibility reads gravity
+                text = counterfactual("plausibility", ckpt, "--episodes", str(args.plausibility_episodes), "--out", str(out / f"plausibility_{label}.json"))
+                (out / f"plausibility_{label}.txt").write_text(text)
         table = json.loads(path.read_text())
         for f in table["features"]:
             if table["r2_linear"].get(f) is not None:
