@@ -1,9 +1,10 @@
-"""How close a full agent update comes to this CPU's matmul limit, and how fast the acting loop runs.
+"""How close a full agent update comes to the matmul limit of this CPU (or a GPU), and how fast the acting loop runs.
 
     python benchmarks/speed.py                        # cpu and xs presets, features and pixels
     python benchmarks/speed.py --sizes cpu xs s --threads 2
     python benchmarks/speed.py --sizes cpu --obs features --flags "" imag-starts=128 "rssm.classes=4 imag-starts=128"
     python benchmarks/speed.py --task walker --sizes cpu xs s --obs features --threads 1 --reps 3 --cost-per-preset
+    python benchmarks/speed.py --device cuda --task walker --sizes cpu xs s --obs features --cost-per-preset   # on a GPU
 
 In one run it measures:
   1. fp32 matmul throughput at the shapes the update uses (the observe loop runs at batch B = 16 rows,
@@ -19,7 +20,9 @@ measured seconds per update, its number of updates at the preset's train ratio (
 (steps - prefill) / action repeat policy steps, x ratio / (B x T) updates each), the acting time (training
 env steps plus the default evaluation's, at the preset's measured acting rate), and the hours on this CPU;
 and, for one GPU, an estimate (not a measurement) from the update's operator count and FLOPs under the
-assumptions of --gpu-op-us and --gpu-tflops.
+assumptions of --gpu-op-us and --gpu-tflops. With --device cuda everything above runs on the GPU (agent,
+batch, matmuls, acting; the clock waits for the GPU before each reading), so the table's measured seconds
+are the GPU's and the estimate stands beside them.
 Run by hand (never by CI); the figures are in docs/speed.md.
 """
 
@@ -54,6 +57,8 @@ class Args:
     """Context source of the timed agent (learned includes the context encoder's update)."""
     threads: int = 2
     """torch threads."""
+    device: str = "cpu"
+    """Where the agent, its batch and the matmuls live: cpu or cuda."""
     reps: int = 5
     """Timed updates per configuration (after --warmup updates and the two that count FLOPs and operators)."""
     warmup: int = 2
@@ -80,18 +85,25 @@ class Args:
     an assumption, not a measurement."""
 
 
-def matmul_gflops(m: int, k: int, n: int, seconds: float = 0.5) -> float:
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def synced_clock(device: str) -> float:
+    """time.perf_counter once the device has finished the work queued so far (CUDA runs asynchronously)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def matmul_gflops(m: int, k: int, n: int, device: str, seconds: float = 0.5) -> float:
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
     for _ in range(3):
         a @ b
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    count, start = 0, synced_clock(device)
+    while synced_clock(device) - start < seconds:
         a @ b
         count += 1
-    return 2 * m * k * n * count / (time.perf_counter() - start) / 1e9
+    return 2 * m * k * n * count / (synced_clock(device) - start) / 1e9
 
 
-def fake_batch(agent: Agent, B: int, T: int) -> dict[str, torch.Tensor]:
+def fake_batch(agent: Agent, B: int, T: int, device: str) -> dict[str, torch.Tensor]:
     """A replayed batch of the right shapes (the values do not change the cost)."""
     L, sp = agent.context_prefix + T, agent.spaces
     batch = {
@@ -106,13 +118,13 @@ def fake_batch(agent: Agent, B: int, T: int) -> dict[str, torch.Tensor]:
     else:
         batch["image"] = torch.randint(0, 255, (B, L, *sp.image), dtype=torch.uint8)
     batch["is_first"][:, 0] = True
-    return batch
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def phases(agent: Agent, batch: dict) -> dict[str, float]:
+def phases(agent: Agent, batch: dict, device: str) -> dict[str, float]:
     """Agent.update, step by step with a clock between the phases (same work, same order)."""
     t = {}
-    clock = time.perf_counter
+    clock = lambda: synced_clock(device)  # noqa: E731
     t0 = clock()
     ctx, seq_ctx, pieces = agent.context(batch)
     t["context fwd"] = clock() - t0
@@ -160,7 +172,7 @@ def phases(agent: Agent, batch: dict) -> dict[str, float]:
 
 def build(size: str, obs: str, args: Args, flags: str = "") -> tuple[Agent, config.Args]:
     run = train.cli(["--size", size, "--task", args.task, "--obs", obs, "--context", args.context, *("--" + flag for flag in flags.split())])
-    return checkpoint.build_agent(run, envs.make_env(args.task, obs), "cpu"), run
+    return checkpoint.build_agent(run, envs.make_env(args.task, obs), args.device), run
 
 
 def count_ops(fn) -> int:
@@ -183,7 +195,7 @@ def time_update(size: str, obs: str, args: Args, peak: float, flags: str) -> dic
     from torch.utils.flop_counter import FlopCounterMode
 
     agent, run = build(size, obs, args, flags)
-    batch = fake_batch(agent, run.batch_size, run.batch_length)
+    batch = fake_batch(agent, run.batch_size, run.batch_length, args.device)
     for _ in range(args.warmup):
         agent.update(batch)
     with FlopCounterMode(display=False) as counter:
@@ -192,11 +204,11 @@ def time_update(size: str, obs: str, args: Args, peak: float, flags: str) -> dic
     ops = count_ops(lambda: agent.update(batch))
     times = []
     for _ in range(args.reps):
-        start = time.perf_counter()
+        start = synced_clock(args.device)
         agent.update(batch)
-        times.append(time.perf_counter() - start)
+        times.append(synced_clock(args.device) - start)
     sec = float(np.median(times))
-    split = [phases(agent, batch) for _ in range(2 if args.phases else 0)]
+    split = [phases(agent, batch, args.device) for _ in range(2 if args.phases else 0)]
     split = {k: float(np.median([s[k] for s in split])) for k in split[0]} if split else {}
     gf = flops / sec / 1e9
     print(f"\n{size} {obs} {flags!r}: {sec:.3f} s/update (median of {args.reps}: {', '.join(f'{x:.3f}' for x in times)}), "
@@ -216,7 +228,7 @@ def main_command_updates(run: config.Args, steps: int) -> int:
 def cost_table(rows: list[dict], args: Args) -> None:
     """The main command's cost per preset (docs/speed.md#cost-per-preset)."""
     print(f"\ncost of the main command per preset ({args.main_steps:,} env steps on {args.task}, context {args.context}):")
-    print("| preset | parameters | GFLOP / update | s / update (this CPU) | updates | acting h | hours, this CPU | GPU estimate: s / update | hours, one GPU (estimate) |")
+    print(f"| preset | parameters | GFLOP / update | s / update (measured, {args.device}) | updates | acting h | hours, measured {args.device} | GPU estimate: s / update | hours, one GPU (estimate) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         run = r["run"]
@@ -235,8 +247,8 @@ def time_acting(obs: str, args: Args, steps: int = 400, num_envs: int = 4, size:
     state = agent.initial_state(num_envs)
     start = time.perf_counter()
     for _ in range(steps // num_envs):
-        action, state = agent.act({k: torch.as_tensor(v) for k, v in o.items()}, state)
-        o, *_ = vec.step(action.numpy())
+        action, state = agent.act({k: torch.as_tensor(v, device=args.device) for k, v in o.items()}, state)
+        o, *_ = vec.step(action.cpu().numpy())
     rate = (steps // num_envs) * num_envs * run.action_repeat / (time.perf_counter() - start)
     vec.close()
     return rate
@@ -244,13 +256,17 @@ def time_acting(obs: str, args: Args, steps: int = 400, num_envs: int = 4, size:
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, task {args.task}, context {args.context}, flags {args.flags!r}")
-    print("\nmatmul throughput (fp32):")
+    if args.device not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device {args.device!r}: choose cpu or cuda")
+    checkpoint.resolve_device(args.device)  # a clear error where cuda is asked for but missing
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"torch {torch.__version__} on {name}, {args.threads} threads, task {args.task}, context {args.context}, flags {args.flags!r}")
+    print(f"\nmatmul throughput (fp32, {args.device}):")
     shapes = {"1024 x 1024 x 1024": (1024, 1024, 1024), "observe loop GRU (16 x 512 -> 768)": (16, 512, 768),
               "imagination GRU (256 x 512 -> 768)": (256, 512, 768), "heads (1024 x 512 -> 255)": (1024, 512, 255)}  # fmt: skip
     peak = 0.0
     for name, (m, k, n) in shapes.items():
-        g = matmul_gflops(m, k, n)
+        g = matmul_gflops(m, k, n, args.device)
         peak = max(peak, g)
         print(f"    {name:<40} {g:7.1f} GFLOP/s")
     rows = [time_update(size, obs, args, peak, flags) for size in args.sizes for obs in args.obs for flags in args.flags]
