@@ -40,6 +40,9 @@ Where this differs from SPC:
 - Masking: SPC multiplies step k's loss by (1 - done) of step k alone; here a rollout step counts only if no
   episode start lies between o_t and o_{t+k} (replayed sequences cross episode boundaries), and the loss is
   averaged over the rollouts that have at least one valid step.
+- Optimiser: e and d train with g's Adam (`--ctx.lr` 1e-3, gradient clip `--ctx.clip` 100) at every update;
+  SPC's `spc.yaml` sets learning rates of 1e-4 for its world model and context encoder (`model_lr`,
+  `context_enc_lr`) and updates the world model every second step (`model_update_freq: 2`).
 - Sequences: SPC draws H-step sequences; here every training step t of a replayed segment starts a rollout
   (targets beyond the segment's end are masked), as L_FD is computed at every step.
 

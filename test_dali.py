@@ -2177,6 +2177,34 @@ def test_temporal_consistency_trains_exactly_g_and_its_own_model(integration):
     assert not any(id(p) in optimised or p.requires_grad for p in agent.tc.target.parameters())
 
 
+def test_l_tc_rolls_out_from_each_step_with_the_actions_taken_there(monkeypatch):
+    """Record t holds (o_t, a_{t-1}, ...): the action taken at o_t is stored in record t + 1. The agent must hand
+    L_TC, for each training step t but the last, o_t, then a_t, a_{t+1}, ... (records t + 1, t + 2, ...),
+    ctx_t, and whether o_{t+1} continues o_t's episode. Every record is tagged with its index to see which."""
+    agent = _tc_agent("shallow")
+    P, T = agent.context_prefix, 8
+    batch = _batch(T=P + T)
+    index = torch.arange(P + T, dtype=torch.float32)[None, :]  # (1, P + T)
+    batch["obs"][..., 0], batch["action"][..., 0] = index, index / (P + T)  # actions stay in [-1, 1]
+    batch["is_first"][1, P + 3] = True  # seq 1: a new episode starts at record P + 3
+    batch["step"] = dali.episode_steps(batch["is_first"])
+    _, _, pieces = agent.context(batch)
+    seen = {}
+
+    def capture(model, obs, action, ctx, valid, horizon, rho):
+        seen.update(obs=obs, action=action, ctx=ctx, valid=valid)
+        return (ctx * 0).sum(-1)  # (B, T - 1)
+
+    monkeypatch.setattr(dali, "temporal_consistency_loss", capture)
+    agent.update_context_encoder_tc(batch, pieces)
+    steps = P + torch.arange(T - 1, dtype=torch.float32)  # t = P .. P + T - 2: each rollout's start
+    assert torch.equal(seen["obs"][0, : T - 1, 0], steps)  # the rollout from step t starts at o_t
+    assert torch.allclose(seen["action"][0, :, 0] * (P + T), steps + 1)  # a_t: record t + 1
+    assert torch.equal(seen["ctx"], pieces["ctx"][:, P : P + T - 1])  # ctx_t, whose window ends at o_t
+    assert seen["valid"][1].tolist() == [i != 2 for i in range(T - 1)]  # o_{P+3} starts an episode: no o_{P+2} -> o_{P+3}
+    assert seen["valid"][0].all()
+
+
 def test_the_target_encoder_moves_only_by_its_exponential_moving_average():
     torch.manual_seed(0)
     agent = _tc_agent()

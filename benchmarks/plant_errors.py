@@ -26,7 +26,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 
 # The tests of L_TC (--ctx.objective tc), which its errors run instead of RECIPE_TESTS (they are among those too).
-TC_TESTS = "fsq or spc_written or mask_the_temporal or exactly_g_and or moves_only_by"
+TC_TESTS = "fsq or spc_written or mask_the_temporal or exactly_g_and or moves_only_by or rolls_out_from_each_step"
 # The records' episode step is pinned by the mid-episode resume test of a deep agent (a train.py run; slower).
 STEP_TESTS = "interrupted_mid_episode_resumes_bit_identically and deep and update"
 # (file, exact text, replacement, what the error is[, the tests to run]). The text must occur exactly once in the file.
@@ -122,6 +122,9 @@ ERRORS = [
     ("temporal_consistency.py", "        loss = loss + rho ** (k - 1) * mask", "        loss = loss + rho**k * mask", "L_TC step k weighted rho^k", TC_TESTS),
     ("temporal_consistency.py", "        logits, code = model.step(code, action[:, k - 1 : k - 1 + N], ctx", "        logits, code = model.step(code, action[:, k : k + N], ctx", "L_TC rollout step k reads a_{t+k}", TC_TESTS),
     ("dali.py", "ctx[:, P:-1], valid, self.ctx_cfg.tc_horizon", "ctx[:, P:-1].detach(), valid, self.ctx_cfg.tc_horizon", "L_TC does not reach g (ctx detached)", TC_TESTS),
+    ("dali.py", "x[:, P:], batch[\"action\"][:, P + 1 :], ctx[:, P:-1]", "x[:, P:], batch[\"action\"][:, P:-1], ctx[:, P:-1]", "L_TC rollout from o_t reads a_{t-1} (record t's action)", TC_TESTS),
+    ("dali.py", "x[:, P:], batch[\"action\"][:, P + 1 :], ctx[:, P:-1]", "x[:, P:], batch[\"action\"][:, P + 1 :], ctx[:, P + 1 :]", "L_TC rollout from o_t reads ctx_{t+1} (sees o_{t+1})", TC_TESTS),
+    ("dali.py", "        valid = pieces[\"valid\"][:, P:]  # (B, T - 1)", "        valid = pieces[\"valid\"][:, P - 1 : -1]  # (B, T - 1)", "L_TC episode mask one step early", TC_TESTS),
 ]
 # Errors in the run machinery (checkpoints, signals, logs, envs, evaluation), each with the tests that guard it.
 MACHINERY = [
