@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -57,8 +58,8 @@ class Args:
     """Context source of the timed agent (learned includes the context encoder's update)."""
     threads: int = 2
     """torch threads."""
-    device: str = "cpu"
-    """Where the agent, its batch and the matmuls live: cpu or cuda."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the agent, its batch, the matmuls and acting run."""
     reps: int = 5
     """Timed updates per configuration (after --warmup updates and the two that count FLOPs and operators)."""
     warmup: int = 2
@@ -247,7 +248,7 @@ def time_acting(obs: str, args: Args, steps: int = 400, num_envs: int = 4, size:
     state = agent.initial_state(num_envs)
     start = time.perf_counter()
     for _ in range(steps // num_envs):
-        action, state = agent.act({k: torch.as_tensor(v, device=args.device) for k, v in o.items()}, state)
+        action, state = agent.act(train.to_torch(o, args.device), state)
         o, *_ = vec.step(action.cpu().numpy())
     rate = (steps // num_envs) * num_envs * run.action_repeat / (time.perf_counter() - start)
     vec.close()
@@ -256,8 +257,6 @@ def time_acting(obs: str, args: Args, steps: int = 400, num_envs: int = 4, size:
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    if args.device not in ("cpu", "cuda"):
-        raise SystemExit(f"error: --device {args.device!r}: choose cpu or cuda")
     checkpoint.resolve_device(args.device)  # a clear error where cuda is asked for but missing
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"torch {torch.__version__} on {name}, {args.threads} threads, task {args.task}, context {args.context}, flags {args.flags!r}")
