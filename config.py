@@ -129,12 +129,19 @@ def peek(argv: list[str], flag: str, default: str) -> str:
     return value
 
 
-def method_name(context: str, integration: str, cross_weight: float = 0.0) -> str:
-    """The paper's name of a variant: Dreamer-DR, cRSSM-S/D, DALI-S/D (+chi with the cross-modal loss)."""
+def method_name(args: Args) -> str:
+    """The paper's name of a run's variant: Dreamer-DR, cRSSM-S/D, DALI-S/D; DALI-S-chi with the cross-modal loss
+    (`--ctx.cross-weight`), DALI-S-TC when g learns by SPC's L_TC (`--ctx.objective tc`; this project's name, not the
+    paper's). A saved args dict goes through `args_from_dict` first, so runs older than a field get its default."""
+    context, ctx = args.agent.context, args.ctx
     if context == "none":
         return "Dreamer-DR"
-    name = {"oracle": "cRSSM", "learned": "DALI"}[context] + "-" + integration[0].upper()
-    return name + ("-chi" if context == "learned" and cross_weight else "")
+    name = {"oracle": "cRSSM", "learned": "DALI"}[context] + "-" + args.agent.integration[0].upper()
+    if context == "learned" and ctx.cross_weight:
+        name += "-chi"
+    if context == "learned" and ctx.objective == "tc":  # never with -chi: check_args refuses L_cross with L_TC
+        name += "-TC"
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------

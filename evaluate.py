@@ -37,7 +37,7 @@ from tqdm import tqdm
 import envs
 import figures
 from checkpoint import checkpoint_path, export_agent, load_agent, resolve_device
-from config import method_name
+from config import args_from_dict, method_name
 from dali import Agent
 from rollout import RandomPolicy, episode_returns
 from pooled import format_pooled, pool
@@ -189,7 +189,7 @@ def run(cmd: Run) -> list[dict]:
     torch.manual_seed(cmd.seed)  # sampled actions and latents: an evaluation rerun gives the same numbers
     if cmd.setting != "default" and args.contexts not in ("default", cmd.setting):
         print(f"note: the agent trained on {args.contexts} contexts and is evaluated on the {cmd.setting} grid", file=sys.stderr)
-    method = cmd.method or method_name(args.agent.context, args.agent.integration, args.ctx.cross_weight)
+    method = cmd.method or method_name(args)
     rows = evaluate_grid(agent, args.task, args.obs, args.action_repeat, cmd.setting, cmd.episodes, cmd.seed, device, cmd.mode == "sample", cmd.batch, cmd.progress)
     head = {"task": args.task, "setting": cmd.setting, "method": method, "seed": args.seed, "env_steps": ckpt["counters"]["env_steps"],
             "action_repeat": args.action_repeat}  # fmt: skip
@@ -280,7 +280,7 @@ def export_main(cmd: Export) -> Path:
     out = writable_output(Path(cmd.out))
     payload = export_agent(cmd.checkpoint, out)
     args = payload["args"]
-    print(f"{args['task']} {method_name(args['agent']['context'], args['agent']['integration'], args['ctx']['cross_weight'])} seed {args['seed']} "
+    print(f"{args['task']} {method_name(args_from_dict(args))} seed {args['seed']} "
           f"at {payload['counters']['env_steps']} env steps -> {out} ({out.stat().st_size / 1e6:.1f} MB)")  # fmt: skip
     return out
 

@@ -26,6 +26,7 @@ METHOD_COLORS = {
     "Dreamer-DR": "#0072B2",  # blue
     "DALI-S": "#009E73",  # green
     "DALI-S-chi": "#E69F00",  # orange
+    "DALI-S-TC": "#56B4E9",  # sky blue (Okabe-Ito; the release has no L_TC)
     "cRSSM-S": "#CC79A7",  # pink
     "cRSSM-D": "#D55E00",  # vermillion
     "DALI-D": "#882255",  # wine

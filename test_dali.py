@@ -2303,6 +2303,20 @@ def test_statistics_match_rliable_reference_values():
     assert abs(poi["ci"][0] - RLIABLE_POI[1]) < 0.02 and abs(poi["ci"][1] - RLIABLE_POI[2]) < 0.02, poi
 
 
+@pytest.mark.parametrize("flags,name", [(["--context", "none"], "Dreamer-DR"), (["--context", "oracle", "--integration", "deep"], "cRSSM-D"),
+                                        (["--context", "learned", "--integration", "shallow"], "DALI-S"), (["--context", "learned", "--integration", "deep"], "DALI-D"),
+                                        (["--context", "learned", "--ctx.cross-weight", "1"], "DALI-S-chi"), (["--context", "learned", "--ctx.objective", "tc"], "DALI-S-TC"),
+                                        (["--context", "learned", "--integration", "deep", "--ctx.objective", "tc"], "DALI-D-TC")])  # fmt: skip
+def test_results_files_name_each_variant_apart(flags, name):
+    """The method a results line, a figure's legend and a study report carry: every variant its own name, from the
+    parsed flags and from the saved args dict (whose older runs lack later fields), so L_TC's runs never pool as DALI-S."""
+    args = train.cli([*TINY_FLAGS, *flags])
+    saved = dataclasses.asdict(args)
+    assert config.method_name(args) == config.method_name(config.args_from_dict(saved)) == name
+    del saved["ctx"]["objective"]  # a run from before --ctx.objective: L_FD
+    assert config.method_name(config.args_from_dict(saved)) == name.removesuffix("-TC")
+
+
 TINY_EVAL_FLAGS = [*TINY_FLAGS, "--steps", "2000", "--contexts", "single_0", "--context", "learned", "--integration", "deep"]
 
 

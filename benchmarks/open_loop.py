@@ -111,7 +111,7 @@ def open_loop_rmse(path: str, ep, starts: tuple[int, ...], horizon: int, seed: i
         sq.append((decoded - real) ** 2)  # (E, H+1, O)
         if deep:
             sq_real.append((real_context_rollout(agent, ep, ctx, start, horizon, actions, seed) - real) ** 2)
-    label = f"{method_name(args.agent.context, args.agent.integration, args.ctx.cross_weight)}_s{args.seed}"
+    label = f"{method_name(args)}_s{args.seed}"
     if deep:
         label += "_per_step" if args.ctx.refresh == 0 else f"_held{args.ctx.refresh}"
     rmse = lambda s: torch.cat(s).mean(0).sqrt().numpy()  # noqa: E731

@@ -38,7 +38,7 @@ import tyro
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from contexts import eval_contexts, varied_features  # noqa: E402
-from config import method_name  # noqa: E402
+from config import args_from_dict, method_name  # noqa: E402
 from figures import study_learning_curves  # noqa: E402
 from results import REGIMES, read_results  # noqa: E402
 
@@ -70,11 +70,11 @@ def run_dirs(study: Path) -> list[Path]:
 
 
 def run_label(run: Path) -> str:
-    """METHOD_sSEED from the run's own configuration, not its directory's name: stages in separate
-    directories may reuse a directory name (DALI-S_s0 trained with --ctx.cross-weight 1 is DALI-S-chi_s0)."""
+    """METHOD_sSEED from the run's own configuration, not its directory's name: stages in separate directories
+    may reuse a directory name (DALI-S_s0 trained with --ctx.cross-weight 1 is DALI-S-chi_s0, with
+    --ctx.objective tc DALI-S-TC_s0)."""
     args = json.loads((run / "train" / "args.json").read_text())
-    agent = args["agent"]
-    return f"{method_name(agent['context'], agent['integration'], args['ctx']['cross_weight'])}_s{args['seed']}"
+    return f"{method_name(args_from_dict(args))}_s{args['seed']}"
 
 
 REWARD_FOUND = (0.05, 0.2)
