@@ -2306,7 +2306,8 @@ def test_statistics_match_rliable_reference_values():
 @pytest.mark.parametrize("flags,name", [(["--context", "none"], "Dreamer-DR"), (["--context", "oracle", "--integration", "deep"], "cRSSM-D"),
                                         (["--context", "learned", "--integration", "shallow"], "DALI-S"), (["--context", "learned", "--integration", "deep"], "DALI-D"),
                                         (["--context", "learned", "--ctx.cross-weight", "1"], "DALI-S-chi"), (["--context", "learned", "--ctx.objective", "tc"], "DALI-S-TC"),
-                                        (["--context", "learned", "--integration", "deep", "--ctx.objective", "tc"], "DALI-D-TC")])  # fmt: skip
+                                        (["--context", "learned", "--integration", "deep", "--ctx.objective", "tc"], "DALI-D-TC"),
+                                        (["--context", "oracle", "--ctx.cross-weight", "1"], "cRSSM-S")])  # fmt: skip
 def test_results_files_name_each_variant_apart(flags, name):
     """The method a results line, a figure's legend and a study report carry: every variant its own name, from the
     parsed flags and from the saved args dict (whose older runs lack later fields), so L_TC's runs never pool as DALI-S."""
