@@ -137,11 +137,10 @@ def method_name(args: Args) -> str:
     if context == "none":
         return "Dreamer-DR"
     name = {"oracle": "cRSSM", "learned": "DALI"}[context] + "-" + args.agent.integration[0].upper()
-    if context == "learned" and ctx.cross_weight:
-        name += "-chi"
-    if context == "learned" and ctx.objective == "tc":  # never with -chi: check_args refuses L_cross with L_TC
-        name += "-TC"
-    return name
+    if context == "oracle":
+        return name
+    # check_args refuses L_cross with L_TC, so at most one suffix applies
+    return name + ("-chi" if ctx.cross_weight else "-TC" if ctx.objective == "tc" else "")
 
 
 # ----------------------------------------------------------------------------------------------------
