@@ -8,12 +8,14 @@ The episodes are recorded with the trained agent exactly as `counterfactual.py p
 evaluation grid, --episodes per context, --steps per episode, every other context held out); ctx_t is then
 inferred on them twice, by the trained g and by the initial g. The initial weights are rebuilt as train.py
 builds them (seed, then the agent); for a `--ctx.objective tc` run this is checked against the checkpoint's
-forward model f, which that objective never trains. Prints both probes; run by hand (never by CI).
+forward model f, which that objective never trains. Prints both probes and writes them to --out (default
+untrained_probe.json next to the checkpoint); run by hand (never by CI).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -24,12 +26,13 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import envs  # noqa: E402
 from checkpoint import build_agent  # noqa: E402
-from counterfactual import Probe, load  # noqa: E402
+from counterfactual import Probe, load, out_path  # noqa: E402
 from dreams import inferred_context  # noqa: E402
 from probes import probe_table  # noqa: E402
 
 
 def main(cmd: Probe) -> dict:
+    path = out_path(cmd, cmd.out, "untrained_probe.json")
     agent, args, device, ep, ctx, first = load(cmd)
     torch.manual_seed(args.seed)  # as train.py: the seed, then the agent
     initial = build_agent(args, envs.make_env(args.task, args.obs, [envs.default_context(args.task)], args.seed, args.action_repeat), device)
@@ -58,6 +61,8 @@ def main(cmd: Probe) -> dict:
         entropy = -(p * p.clamp(min=1e-12).log()).sum(-1)  # (G,) nats
         print(f"L_TC target codes on these episodes: {(counts > 0).sum(-1).float().mean():.1f} of {counts.shape[1]} used per group, "
               f"entropy {entropy.mean():.2f} nats per group (uniform: {np.log(counts.shape[1]):.2f})")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
     return out
 
 
