@@ -41,8 +41,8 @@ def main(cmd: Probe) -> dict:
             assert torch.equal(p, q), f"the rebuilt initial weights differ from the run's (forward_model.{name})"
     untrained = copy.deepcopy(agent)
     untrained.ctx_encoder.load_state_dict(initial.ctx_encoder.state_dict())
-    names = list(envs.task_features(args.task))
     features = envs.task_features(args.task)
+    names = list(features)
     held_out = (np.arange(len(ep.contexts)) // cmd.episodes) % 2 == 1  # every other context, as counterfactual.py probe
     inside = np.array([all(features[n].inside(c[n]) for n in names) for c in ep.contexts])
     out = {}
